@@ -1,0 +1,23 @@
+"""tfloop: a fast, exact, subclassable training loop for TensorFlow 2 and Keras 3.
+
+Example:
+    >>> import tfloop
+    >>> sorted(name for name in tfloop.__all__ if name[0].isupper())
+    ['Callback', 'GradientAccumulator', 'History', 'Trainer']
+"""
+
+from tfloop import callbacks, errors
+from tfloop._version import __version__
+from tfloop.accumulate import GradientAccumulator
+from tfloop.callbacks import Callback, History
+from tfloop.trainer import Trainer
+
+__all__ = [
+    "Callback",
+    "GradientAccumulator",
+    "History",
+    "Trainer",
+    "__version__",
+    "callbacks",
+    "errors",
+]

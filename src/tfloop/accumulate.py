@@ -1,0 +1,137 @@
+"""Exact gradient accumulation.
+
+A window of micro-batches ``i = 1..k``, each with gradient ``g_i`` of its *mean* loss and weight
+``w_i`` (its number of examples, or the sum of its sample weights), gives one update with
+
+.. math::  g = \\frac{\\sum_i w_i g_i}{\\sum_i w_i}
+
+which is exactly the gradient of the mean loss of one batch made of the ``k`` micro-batches
+concatenated. Dividing by ``k`` instead (the common shortcut) is only right when all micro-batches
+have the same size, and is wrong for the last, partial window of an epoch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import tensorflow as tf
+
+from tfloop.errors import ConfigError
+
+__all__ = ["GradientAccumulator"]
+
+
+def _validate_steps(steps: object, name: str = "steps") -> int:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ConfigError(
+            f"{name} must be an int >= 1 (micro-batches per optimizer update), got {steps!r}. "
+            f"Use {name}=1 to update after every batch."
+        )
+    return steps
+
+
+class GradientAccumulator(tf.Module):
+    """Sums weighted gradients over a window of micro-batches and applies their exact mean.
+
+    State lives in non-trainable ``tf.Variable`` s, so it works inside any ``tf.function``
+    (XLA included) and is saved by ``tf.train.Checkpoint``: a run resumed mid-window is exact.
+
+    Args:
+        variables: the trainable variables the gradients belong to (same order as the gradients).
+        steps: micro-batches per update (``k``); ``ready`` turns true when ``k`` are accumulated.
+        name: name of the module.
+
+    Example:
+        >>> import tensorflow as tf, keras, tfloop
+        >>> w = tf.Variable([1.0])
+        >>> acc = tfloop.GradientAccumulator([w], steps=2)
+        >>> acc.accumulate([tf.constant([1.0])], weight=1)
+        >>> acc.accumulate([tf.constant([4.0])], weight=3)
+        >>> bool(acc.ready), float(acc.mean_gradients()[0][0])
+        (True, 3.25)
+        >>> acc.apply(keras.optimizers.SGD(learning_rate=1.0))
+        >>> float(w[0]), int(acc.count)
+        (-2.25, 0)
+    """
+
+    def __init__(self, variables: Sequence[Any], steps: int = 1, name: str | None = None) -> None:
+        super().__init__(name=name or "gradient_accumulator")
+        self.steps = _validate_steps(steps)
+        self._variables = list(variables)
+        if not self._variables:
+            raise ConfigError(
+                "variables is empty: there is nothing to accumulate gradients for. Pass the "
+                "model's trainable_variables (and check that the model has trainable weights)."
+            )
+        with tf.init_scope(), tf.name_scope(self.name):
+            self._sums = [
+                tf.Variable(
+                    tf.zeros(tuple(v.shape), dtype=v.dtype), trainable=False, name="gradient_sum"
+                )
+                for v in self._variables
+            ]
+            # float64 keeps the running total exact for any realistic example count.
+            self.total_weight = tf.Variable(
+                tf.constant(0.0, tf.float64), trainable=False, name="total_weight"
+            )
+            self.count = tf.Variable(
+                tf.constant(0, tf.int64), trainable=False, name="micro_batches"
+            )
+
+    @property
+    def ready(self) -> tf.Tensor:
+        """A bool tensor: ``steps`` micro-batches have been accumulated."""
+        return self.count >= self.steps
+
+    def accumulate(self, gradients: Sequence[Any], weight: Any) -> None:
+        """Adds ``weight * g`` for each gradient ``g`` (``None`` gradients are skipped).
+
+        ``gradients`` are of the micro-batch's *mean* loss; ``weight`` is its number of examples
+        (or the sum of its sample weights, if the mean was taken over that sum).
+        """
+        if len(gradients) != len(self._variables):
+            raise ConfigError(
+                f"gradients has {len(gradients)} entries but the accumulator tracks "
+                f"{len(self._variables)} variables; pass one gradient per variable, in order."
+            )
+        weight = tf.convert_to_tensor(weight)
+        for total, grad in zip(self._sums, gradients):
+            if grad is None:
+                continue
+            grad = tf.convert_to_tensor(grad)  # densifies IndexedSlices
+            total.assign_add(grad * tf.cast(weight, total.dtype))
+        self.total_weight.assign_add(tf.cast(weight, tf.float64))
+        self.count.assign_add(1)
+
+    def mean_gradients(self) -> list[tf.Tensor]:
+        """``sum(w_i * g_i) / sum(w_i)`` for each variable (zeros if the window is empty)."""
+        return [
+            tf.math.divide_no_nan(total, tf.cast(self.total_weight, total.dtype))
+            for total in self._sums
+        ]
+
+    def apply(self, optimizer: Any, clip_global_norm: float | None = None) -> None:
+        """Applies the mean gradient with ``optimizer``, then resets the window.
+
+        ``clip_global_norm`` clips the *accumulated* gradient (after any cross-replica reduction),
+        never the micro-batch gradients. A window whose total weight is zero (only empty
+        micro-batches) is a documented no-op: no update, ``optimizer.iterations`` unchanged.
+        """
+
+        def update() -> tf.Tensor:
+            gradients = self.mean_gradients()
+            if clip_global_norm is not None:
+                gradients, _ = tf.clip_by_global_norm(gradients, clip_global_norm)
+            optimizer.apply_gradients(zip(gradients, self._variables))
+            return tf.constant(True)
+
+        tf.cond(self.total_weight > 0, update, lambda: tf.constant(False))
+        self.reset()
+
+    def reset(self) -> None:
+        """Empties the window."""
+        for total in self._sums:
+            total.assign(tf.zeros_like(total))
+        self.total_weight.assign(0.0)
+        self.count.assign(0)

@@ -1,0 +1,120 @@
+"""Callback base class and the list that dispatches events to callbacks in order.
+
+Events (Keras names, so users feel at home) are called on the host, between compiled
+executions: a batch event fires once per execution of ``steps_per_execution`` steps, with the
+logs of its last step, and never forces a device sync of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tfloop.trainer import Trainer
+
+__all__ = ["Callback", "CallbackList", "Logs"]
+
+Logs = dict[str, float]
+
+
+class Callback:
+    """Base class of callbacks: override the events you need; each gets ``self.trainer``.
+
+    ``on_train_batch_end(batch, logs)`` is called once per compiled execution: ``batch`` is the
+    index (within the epoch) of the last micro-batch that execution ran, and ``logs`` holds the
+    running epoch metrics, ``step`` (optimizer updates so far) and ``batch``.
+
+    Example:
+        >>> import tfloop
+        >>> class PrintEpochs(tfloop.Callback):
+        ...     def on_epoch_end(self, epoch, logs):
+        ...         print(epoch, sorted(logs))
+        >>> PrintEpochs().on_epoch_end(0, {"loss": 0.5})
+        0 ['loss']
+    """
+
+    trainer: Trainer | None = None
+
+    def set_trainer(self, trainer: Trainer) -> None:
+        """Called by the Trainer before any event."""
+        self.trainer = trainer
+
+    def on_fit_start(self, logs: Logs) -> None:
+        """Before the first epoch of ``fit``."""
+
+    def on_fit_end(self, logs: Logs) -> None:
+        """After the last epoch of ``fit`` (also after an early stop)."""
+
+    def on_epoch_start(self, epoch: int, logs: Logs) -> None:
+        """Before the first step of ``epoch`` (0-based)."""
+
+    def on_epoch_end(self, epoch: int, logs: Logs) -> None:
+        """After ``epoch``, with its final training metrics and ``val_*`` metrics if evaluated."""
+
+    def on_train_batch_end(self, batch: int, logs: Logs) -> None:
+        """After each compiled execution of training steps."""
+
+    def on_eval_start(self, logs: Logs) -> None:
+        """Before ``evaluate`` (or a validation pass inside ``fit``)."""
+
+    def on_eval_end(self, logs: Logs) -> None:
+        """After ``evaluate`` (or a validation pass), with its results."""
+
+    def on_predict_start(self, logs: Logs) -> None:
+        """Before ``predict``."""
+
+    def on_predict_end(self, logs: Logs) -> None:
+        """After ``predict``."""
+
+
+class CallbackList:
+    """Calls an event on each callback, in the order given.
+
+    Example:
+        >>> import tfloop
+        >>> seen = []
+        >>> class Record(tfloop.Callback):
+        ...     def on_fit_start(self, logs):
+        ...         seen.append(type(self).__name__)
+        >>> CallbackList([Record()]).on_fit_start({})
+        >>> seen
+        ['Record']
+    """
+
+    def __init__(self, callbacks: Iterable[Callback] = (), trainer: Trainer | None = None) -> None:
+        self.callbacks: Sequence[Callback] = list(callbacks)
+        if trainer is not None:
+            for callback in self.callbacks:
+                callback.set_trainer(trainer)
+
+    def _call(self, event: str, *args: Any) -> None:
+        for callback in self.callbacks:
+            getattr(callback, event)(*args)
+
+    def on_fit_start(self, logs: Logs) -> None:
+        self._call("on_fit_start", logs)
+
+    def on_fit_end(self, logs: Logs) -> None:
+        self._call("on_fit_end", logs)
+
+    def on_epoch_start(self, epoch: int, logs: Logs) -> None:
+        self._call("on_epoch_start", epoch, logs)
+
+    def on_epoch_end(self, epoch: int, logs: Logs) -> None:
+        self._call("on_epoch_end", epoch, logs)
+
+    def on_train_batch_end(self, batch: int, logs: Logs) -> None:
+        self._call("on_train_batch_end", batch, logs)
+
+    def on_eval_start(self, logs: Logs) -> None:
+        self._call("on_eval_start", logs)
+
+    def on_eval_end(self, logs: Logs) -> None:
+        self._call("on_eval_end", logs)
+
+    def on_predict_start(self, logs: Logs) -> None:
+        self._call("on_predict_start", logs)
+
+    def on_predict_end(self, logs: Logs) -> None:
+        self._call("on_predict_end", logs)

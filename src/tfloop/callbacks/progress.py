@@ -1,0 +1,100 @@
+"""ProgressBar: a live bar on a terminal, plain periodic lines elsewhere (CI logs)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import IO, Any
+
+from tqdm.auto import tqdm
+
+from tfloop.callbacks.base import Callback, Logs
+
+__all__ = ["ProgressBar"]
+
+
+def format_logs(logs: Logs) -> str:
+    """``"loss: 0.1234 - accuracy: 0.9500"``, skipping the ``step`` and ``batch`` counters."""
+    return " - ".join(
+        f"{name}: {value:.4g}" for name, value in logs.items() if name not in ("step", "batch")
+    )
+
+
+class ProgressBar(Callback):
+    """Shows training progress: rate, ETA and metrics.
+
+    On a terminal it draws a tqdm bar updated once per compiled execution. When the output is
+    not a terminal (CI, a log file) it writes plain lines with no control codes: one every
+    ``interval`` seconds during an epoch, and one at the end of each epoch.
+
+    ``fit(verbose=1)`` (the default) adds one; ``verbose=0`` turns it off.
+
+    Example:
+        >>> import io
+        >>> out = io.StringIO()
+        >>> bar = ProgressBar(stream=out)
+        >>> bar.on_epoch_start(0, {})
+        >>> bar.on_epoch_end(0, {"loss": 0.25})
+        >>> "loss: 0.25" in out.getvalue() and "\\r" not in out.getvalue()
+        True
+    """
+
+    def __init__(self, stream: IO[str] | None = None, interval: float = 10.0) -> None:
+        self.stream = stream if stream is not None else sys.stdout
+        self.interval = interval
+        self._bar: Any = None
+        self._epochs: int | None = None
+        self._start = 0.0
+        self._last_line = 0.0
+
+    @property
+    def live(self) -> bool:
+        isatty = getattr(self.stream, "isatty", None)
+        return bool(isatty and isatty())
+
+    def _steps(self) -> int | None:
+        return getattr(self.trainer, "_steps_per_epoch", None) if self.trainer else None
+
+    def on_fit_start(self, logs: Logs) -> None:
+        self._epochs = getattr(self.trainer, "_epochs", None)
+
+    def on_epoch_start(self, epoch: int, logs: Logs) -> None:
+        self._start = self._last_line = time.perf_counter()
+        self._epoch = epoch
+        label = f"epoch {epoch + 1}" + (f"/{self._epochs}" if self._epochs else "")
+        self._label = label
+        if self.live:
+            self._bar = tqdm(
+                total=self._steps(), desc=label, unit="step", file=self.stream, leave=True
+            )
+
+    def on_train_batch_end(self, batch: int, logs: Logs) -> None:
+        if self._bar is not None:
+            self._bar.update(batch + 1 - self._bar.n)
+            self._bar.set_postfix_str(format_logs(logs), refresh=False)
+            return
+        now = time.perf_counter()
+        if now - self._last_line >= self.interval:
+            self._last_line = now
+            total = self._steps()
+            where = f"{batch + 1}/{total}" if total else f"{batch + 1}"
+            rate = (batch + 1) / max(now - self._start, 1e-9)
+            self._write(f"{self._label} - step {where} - {rate:.0f} steps/s - {format_logs(logs)}")
+
+    def on_epoch_end(self, epoch: int, logs: Logs) -> None:
+        elapsed = time.perf_counter() - self._start
+        if self._bar is not None:
+            self._bar.set_postfix_str(format_logs(logs), refresh=True)
+            self._bar.close()
+            self._bar = None
+            return
+        label = getattr(self, "_label", f"epoch {epoch + 1}")
+        self._write(f"{label} - {elapsed:.1f}s - {format_logs(logs)}")
+
+    def on_eval_end(self, logs: Logs) -> None:
+        if self.trainer is not None and getattr(self.trainer, "_in_fit", False):
+            return  # validation results are part of the epoch line
+        self._write(f"evaluate - {format_logs(logs)}")
+
+    def _write(self, line: str) -> None:
+        print(line, file=self.stream, flush=True)

@@ -1,0 +1,403 @@
+"""Turns user input into *superbatches* for the compiled loop.
+
+The compiled loop takes ``K`` batches per call, stacked along a new leading "step" axis, so one
+iterator call feeds ``K`` steps. This module makes those superbatches from
+
+* in-memory NumPy arrays or tensors (a tuple ``(x, y)`` / ``(x, y, sample_weight)``, dicts
+  allowed inside): tfloop owns batching, a seeded per-epoch shuffle and prefetch;
+* a batched ``tf.data.Dataset`` (``tfds.load(..., as_supervised=True).batch(n)`` included).
+
+Every piece handed to the loop has exactly ``K`` step slots, of which the first ``steps`` are
+real. The tail of an epoch (fewer than ``K`` batches left) is padded up to ``K`` so that it reuses
+the compiled function of the full superbatch; only a batch with a different shape (the last,
+partial batch) gets a trace of its own, cached across epochs.
+
+Example:
+    >>> import numpy as np
+    >>> from tfloop.data import adapt
+    >>> source = adapt((np.zeros((100, 3)), np.zeros(100)), batch_size=32,
+    ...                steps_per_execution=2, shuffle=False, seed=0)
+    >>> source.steps_per_epoch
+    4
+    >>> [(tuple(p.data[0].shape), p.steps) for p in source.epoch(0)]
+    [((2, 32, 3), 2), ((2, 32, 3), 1), ((2, 4, 3), 1)]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfloop.errors import ConfigError, DataError
+
+__all__ = ["DataSource", "Piece", "StepStream", "adapt", "batch_size_of", "unpack_batch"]
+
+Nested = Any
+DEFAULT_BATCH_SIZE = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """A superbatch: nested tensors shaped ``[K, batch, ...]``, of which ``steps`` are real."""
+
+    data: Nested
+    steps: int
+
+
+def unpack_batch(batch: Nested) -> tuple[Nested, Nested, Nested]:
+    """Splits one batch into ``(x, y, sample_weight)``; missing parts are ``None``.
+
+    A tuple of 1, 2 or 3 elements is ``(x,)``, ``(x, y)`` or ``(x, y, sample_weight)``; anything
+    else is ``x`` alone (as in Keras).
+
+    Example:
+        >>> unpack_batch((1, 2))
+        (1, 2, None)
+    """
+    if isinstance(batch, tuple) and 1 <= len(batch) <= 3:
+        return (*batch, *(None,) * (3 - len(batch)))  # type: ignore[return-value]
+    return batch, None, None
+
+
+def batch_size_of(batch: Nested) -> tf.Tensor:
+    """The number of examples in ``batch`` (first dimension of its first tensor), as float32."""
+    first = tf.nest.flatten(batch)[0]
+    return tf.cast(tf.shape(first)[0], tf.float32)
+
+
+class StepStream:
+    """Hands out runs of consecutive steps from a stream of pieces.
+
+    ``next_chunk(limit)`` returns ``(data, start, stop)``: run steps ``start..stop-1`` of
+    ``data``, at most ``limit`` of them. A piece can be consumed over several chunks, so a step
+    budget (``steps_per_epoch``, a checkpoint every n updates) lands exactly without reslicing.
+    """
+
+    def __init__(self, pieces: Iterator[Piece]) -> None:
+        self._pieces = pieces
+        self._piece: Piece | None = None
+        self._offset = 0
+        self.exhausted = False
+
+    def _current(self) -> Piece | None:
+        while self._piece is None or self._offset >= self._piece.steps:
+            try:
+                self._piece = next(self._pieces)
+            except StopIteration:
+                self._piece = None
+                self.exhausted = True
+                return None
+            self._offset = 0
+        return self._piece
+
+    def has_next(self) -> bool:
+        """Whether another step is left (pulls the next piece if needed)."""
+        return self._current() is not None
+
+    def peek_batch(self) -> Nested | None:
+        """The next batch, without consuming it (``None`` if the stream is empty)."""
+        piece = self._current()
+        if piece is None:
+            return None
+        return tf.nest.map_structure(lambda t: t[self._offset], piece.data)
+
+    def next_chunk(self, limit: int) -> tuple[Nested, int, int] | None:
+        piece = self._current()
+        if piece is None:
+            return None
+        start = self._offset
+        stop = min(piece.steps, start + max(1, limit))
+        self._offset = stop
+        return piece.data, start, stop
+
+
+class DataSource:
+    """What the Trainer needs from its input: the epochs' pieces and their step counts."""
+
+    steps_per_epoch: int | None  # batches in one pass over the data; None if unknown or infinite
+    batch_size: int | None
+    steps_per_execution: int
+    infinite: bool = False
+
+    bytes_per_batch: int
+
+    def epoch(self, epoch: int) -> Iterator[Piece]:
+        """The pieces of one pass over the data (``epoch`` seeds the shuffle, if any)."""
+        raise NotImplementedError
+
+
+def adapt(
+    data: Any,
+    *,
+    batch_size: int | None = None,
+    steps_per_execution: int = 64,
+    shuffle: bool = True,
+    seed: int = 0,
+    argument: str = "data",
+) -> DataSource:
+    """Validates ``data`` and wraps it in a :class:`DataSource` (see the module docstring)."""
+    if batch_size is not None and (
+        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+    ):
+        raise ConfigError(f"batch_size must be an int >= 1, got {batch_size!r}.")
+    if isinstance(data, tf.data.Dataset):
+        if batch_size is not None:
+            raise ConfigError(
+                f"batch_size={batch_size} was given with a tf.data.Dataset as {argument}; a "
+                "dataset is batched by its own .batch(n). Drop batch_size, or pass arrays."
+            )
+        return _DatasetSource(data, steps_per_execution, argument)
+    if data is None:
+        raise DataError(f"{argument} is None: pass (x, y) arrays or a batched tf.data.Dataset.")
+    arrays = _standardize_arrays(data, argument)
+    return _ArraySource(
+        arrays, batch_size or DEFAULT_BATCH_SIZE, steps_per_execution, shuffle, seed, argument
+    )
+
+
+# --------------------------------------------------------------------------- in-memory arrays
+
+
+def _standardize_arrays(data: Any, argument: str) -> Nested:
+    if isinstance(data, list):
+        data = tuple(data)
+    if isinstance(data, tuple):
+        # (x, None) and (x, y, None) mean "no y" / "no sample weight", as in Keras.
+        while data and data[-1] is None:
+            data = data[:-1]
+        if not data:
+            raise DataError(f"{argument} is empty: pass (x, y) arrays.")
+
+    def to_tensor(leaf: Any) -> tf.Tensor:
+        if isinstance(leaf, tf.Tensor):
+            tensor = leaf
+        else:
+            array = np.asarray(leaf)
+            if array.dtype == object:
+                raise DataError(
+                    f"{argument} holds an array of Python objects (dtype=object); convert it "
+                    "to a numeric array first (for ragged data, pad it or use a tf.data.Dataset)."
+                )
+            tensor = tf.convert_to_tensor(array)
+        if tensor.dtype.is_floating and tensor.dtype != keras.config.floatx():
+            # Keras casts float64 input to floatx too; it halves memory and matches the model.
+            tensor = tf.cast(tensor, keras.config.floatx())
+        return tensor
+
+    def fix_lists(node: Any) -> Any:
+        if isinstance(node, list):
+            return tuple(fix_lists(n) for n in node)
+        if isinstance(node, tuple):
+            return tuple(fix_lists(n) for n in node)
+        if isinstance(node, dict):
+            return {k: fix_lists(v) for k, v in node.items()}
+        return node
+
+    arrays = tf.nest.map_structure(to_tensor, fix_lists(data))
+    _check_lengths(arrays, argument)
+    return arrays
+
+
+def _check_lengths(arrays: Nested, argument: str) -> None:
+    named = _named_leaves(arrays)
+    for name, tensor in named:
+        if tensor.shape.rank == 0:
+            raise DataError(
+                f"{argument}: {name} is a scalar; every array needs a leading example axis."
+            )
+    lengths = {name: int(tensor.shape[0]) for name, tensor in named}
+    if len(set(lengths.values())) > 1:
+        listed = ", ".join(f"{name} has {n}" for name, n in lengths.items())
+        raise DataError(
+            f"{argument}: arrays have different numbers of examples ({listed}); pass arrays "
+            "of the same length along the first axis."
+        )
+    if next(iter(lengths.values())) == 0:
+        raise DataError(f"{argument} is empty (0 examples); pass at least one example.")
+
+
+def _named_leaves(data: Nested) -> list[tuple[str, Any]]:
+    parts = unpack_batch(data)
+    names = ("x", "y", "sample_weight")
+    named: list[tuple[str, Any]] = []
+    for name, part in zip(names, parts):
+        if part is None:
+            continue
+        for path, leaf in _flatten_with_paths(part):
+            named.append((name + path, leaf))
+    return named
+
+
+def _flatten_with_paths(node: Any, path: str = "") -> list[tuple[str, Any]]:
+    if isinstance(node, dict):
+        return [kv for k in sorted(node) for kv in _flatten_with_paths(node[k], f"{path}[{k!r}]")]
+    if isinstance(node, (tuple, list)):
+        return [kv for i, n in enumerate(node) for kv in _flatten_with_paths(n, f"{path}[{i}]")]
+    return [(path, node)]
+
+
+class _ArraySource(DataSource):
+    def __init__(
+        self,
+        arrays: Nested,
+        batch_size: int,
+        steps_per_execution: int,
+        shuffle: bool,
+        seed: int,
+        argument: str,
+    ) -> None:
+        self.arrays = arrays
+        self.num_examples = int(tf.nest.flatten(arrays)[0].shape[0])
+        self.batch_size = min(batch_size, self.num_examples)
+        self.steps_per_epoch = math.ceil(self.num_examples / self.batch_size)
+        self.steps_per_execution = steps_per_execution
+        self.shuffle = shuffle
+        self.seed = seed
+        self.argument = argument
+        self.bytes_per_batch = self.batch_size * sum(
+            t.dtype.size * int(np.prod(t.shape[1:])) for t in tf.nest.flatten(arrays)
+        )
+        # from_tensors keeps one reference to the arrays; a captured constant would be copied
+        # into the dataset graph (and hit the 2 GB graph limit for large arrays).
+        self._arrays_dataset = tf.data.Dataset.from_tensors(arrays).repeat()
+
+    def order(self, epoch: int) -> tf.Tensor:
+        """The example order of ``epoch``: a permutation seeded by ``(seed, epoch)``."""
+        indices = tf.range(self.num_examples, dtype=tf.int64)
+        if not self.shuffle:
+            return indices
+        return tf.random.experimental.stateless_shuffle(
+            indices, seed=tf.constant([self.seed, epoch], tf.int64)
+        )
+
+    def epoch(self, epoch: int) -> Iterator[Piece]:
+        k, b, n = self.steps_per_execution, self.batch_size, self.num_examples
+        order = self.order(epoch)
+        full_batches, partial = divmod(n, b)
+        full_pieces, rest = divmod(full_batches, k)
+
+        rows: list[tf.Tensor] = []
+        steps: list[int] = []
+        if full_pieces:
+            rows.append(tf.reshape(order[: full_pieces * k * b], [full_pieces, k * b]))
+            steps += [k] * full_pieces
+        if rest:
+            # Pad the index row with example 0: the padded steps are never run, and the piece
+            # keeps the shape of a full superbatch, so it needs no trace of its own.
+            tail = order[full_pieces * k * b : full_batches * b]
+            rows.append(tf.pad(tail, [[0, (k - rest) * b]])[None])
+            steps.append(rest)
+        dataset: tf.data.Dataset | None = None
+        if rows:
+            dataset = self._gather(tf.concat(rows, 0), [k, b])
+        if partial:
+            last = self._gather(order[None, full_batches * b :], [1, partial])
+            dataset = last if dataset is None else dataset.concatenate(last)
+            steps.append(1)
+        assert dataset is not None
+        dataset = dataset.prefetch(2)
+        for data, count in zip(dataset, steps):
+            yield Piece(data, count)
+
+    def _gather(self, index_rows: tf.Tensor, leading: list[int]) -> tf.data.Dataset:
+        def gather(indices: tf.Tensor, arrays: Nested) -> Nested:
+            return tf.nest.map_structure(
+                lambda t: tf.reshape(tf.gather(t, indices), leading + t.shape[1:].as_list()),
+                arrays,
+            )
+
+        indices = tf.data.Dataset.from_tensor_slices(index_rows)
+        return tf.data.Dataset.zip((indices, self._arrays_dataset)).map(
+            gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+        )
+
+
+# ----------------------------------------------------------------------------- tf.data input
+
+
+class _DatasetSource(DataSource):
+    def __init__(self, dataset: tf.data.Dataset, steps_per_execution: int, argument: str) -> None:
+        self.dataset = dataset
+        self.argument = argument
+        self.steps_per_execution = steps_per_execution
+        cardinality = int(dataset.cardinality())
+        if cardinality == 0:
+            raise DataError(f"{argument} is an empty tf.data.Dataset (0 batches).")
+        self.infinite = cardinality == tf.data.INFINITE_CARDINALITY
+        self.steps_per_epoch = cardinality if cardinality > 0 else None
+        self._check_element_spec()
+        leaves = tf.nest.flatten(dataset.element_spec)
+        static_batch = {leaf.shape[0] for leaf in leaves}
+        self.batch_size = static_batch.pop() if len(static_batch) == 1 else None
+        self.uniform = self.batch_size is not None and all(
+            leaf.shape.is_fully_defined() for leaf in leaves
+        )
+        bytes_per_example = sum(
+            leaf.dtype.size * int(np.prod([d or 1 for d in leaf.shape[1:]])) for leaf in leaves
+        )
+        self.bytes_per_batch = bytes_per_example * (self.batch_size or DEFAULT_BATCH_SIZE)
+
+    def _check_element_spec(self) -> None:
+        for leaf in tf.nest.flatten(self.dataset.element_spec):
+            if not isinstance(leaf, tf.TensorSpec):
+                raise DataError(
+                    f"{self.argument} yields a {type(leaf).__name__}; tfloop takes dense "
+                    "tensors. Pad ragged or sparse features (e.g. .padded_batch) first."
+                )
+            if leaf.shape.rank == 0:
+                raise DataError(
+                    f"{self.argument} yields scalars, so it looks unbatched; call "
+                    ".batch(batch_size) on the dataset before passing it."
+                )
+
+    def epoch(self, epoch: int) -> Iterator[Piece]:
+        k = self.steps_per_execution
+        if self.uniform:
+            for data in self.dataset.batch(k).prefetch(2):
+                yield _pad_steps(data, k)
+            return
+        # Batches may differ in shape (the last, partial batch; bucketed sequence lengths).
+        # Stack them padded, with each step's true shapes, and cut runs of equal shape back
+        # out on the host: once per superbatch, not per step.
+        def with_shapes(*element: Any) -> Any:
+            element = element[0] if len(element) == 1 else element
+            shapes = [tf.shape(t) for t in tf.nest.flatten(element)]
+            return element, shapes
+
+        stacked = self.dataset.map(with_shapes).padded_batch(k).prefetch(2)
+        for data, shapes in stacked:
+            # One row per step: the shapes of all its tensors, concatenated.
+            rows = np.concatenate([s.numpy() for s in shapes], axis=1)
+            start = 0
+            while start < len(rows):
+                stop = start + 1
+                while stop < len(rows) and np.array_equal(rows[stop], rows[start]):
+                    stop += 1
+                run = _slice_run(data, start, stop, [s[start].numpy() for s in shapes])
+                yield _pad_steps(run, k)
+                start = stop
+
+
+def _slice_run(data: Nested, start: int, stop: int, shapes: list[np.ndarray]) -> Nested:
+    leaves = tf.nest.flatten(data)
+    cut = [
+        leaf[start:stop][tuple([slice(None)] + [slice(0, int(d)) for d in shape])]
+        for leaf, shape in zip(leaves, shapes)
+    ]
+    return tf.nest.pack_sequence_as(data, cut)
+
+
+def _pad_steps(data: Nested, k: int) -> Piece:
+    steps = int(tf.nest.flatten(data)[0].shape[0])
+    if steps == k:
+        return Piece(data, steps)
+    padded = tf.nest.map_structure(
+        lambda t: tf.pad(t, [[0, k - steps]] + [[0, 0]] * (t.shape.rank - 1)), data
+    )
+    return Piece(padded, steps)

@@ -1,0 +1,756 @@
+"""The Trainer: ``fit`` / ``evaluate`` / ``predict`` and the step methods a subclass overrides.
+
+Read top to bottom, this is the story of a step: ``train_step`` records ``compute_loss`` on a
+tape and hands the gradients to ``apply_gradients``, which applies them at once or accumulates
+them for ``accumulate_steps`` micro-batches. ``fit`` validates everything on the host first, then
+feeds the compiled loop (``_loops.py``) superbatches of ``steps_per_execution`` batches
+(``data.py``), so one Python call and one iterator call run many steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfloop import data as data_lib
+from tfloop._loops import CompiledLoop
+from tfloop.accumulate import GradientAccumulator, _validate_steps
+from tfloop.callbacks import Callback, CallbackList, History, ProgressBar
+from tfloop.errors import ConfigError, DataError
+
+__all__ = ["Trainer"]
+
+logger = logging.getLogger("tfloop")
+
+Nested = Any
+# Superbatches are kept under this size; with the default batch of 32 MNIST-sized examples the
+# cap allows far more than the chosen number of steps, so it only binds for large inputs.
+SUPERBATCH_MEMORY_CAP = 64 * 2**20
+AUTO_STEPS_PER_EXECUTION = 64
+
+
+class Trainer:
+    """Trains a Keras model (or a ``tf.Module``) with a compiled, fused multi-step loop.
+
+    Args:
+        model: a ``keras.Model``, or any ``tf.Module`` owning ``tf.Variable`` s (then override
+            ``compute_loss``).
+        optimizer: a Keras optimizer or its name (``"adam"``, ``"sgd"``, ...).
+        loss: a Keras loss, its name, or ``callable(y_true, y_pred)`` returning per-example or
+            mean losses. Not needed when ``compute_loss`` is overridden.
+        metrics: Keras metrics or their names (``"accuracy"`` picks the right accuracy for the
+            loss and label shapes, as in Keras).
+        accumulate_steps: micro-batches per optimizer update; the update is the exact mean
+            gradient of the window, weighted by example count (see ``GradientAccumulator``).
+        steps_per_execution: batches run per compiled call; ``"auto"`` picks a fast value from
+            the steps per epoch and a memory cap.
+        jit_compile: XLA on (``True``), off (``False``), or ``"auto"``: on, falling back to the
+            plain graph with a logged reason if XLA cannot compile the step.
+        clip_global_norm: clip the (accumulated) gradient to this global norm before applying.
+        callbacks: ``tfloop.Callback`` s.
+        checkpoint: reserved for the Checkpointer; only ``None`` is accepted in this version.
+        strategy: reserved for ``tf.distribute``; only ``None`` is accepted in this version.
+        seed: makes shuffling, dropout and the initialisation of an unbuilt model reproducible.
+
+    Example:
+        >>> import numpy as np, keras, tfloop
+        >>> x = np.random.default_rng(0).normal(size=(256, 4)).astype("float32")
+        >>> y = x @ np.array([[1.0], [-2.0], [0.5], [3.0]], dtype="float32")
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+        >>> trainer = tfloop.Trainer(model, keras.optimizers.SGD(0.1), "mse", seed=0)
+        >>> history = trainer.fit((x, y), epochs=20, verbose=0)
+        >>> history.history["loss"][-1] < 1e-3
+        True
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        optimizer: str | keras.optimizers.Optimizer = "adam",
+        loss: Any = None,
+        metrics: Sequence[Any] = (),
+        *,
+        accumulate_steps: int = 1,
+        steps_per_execution: int | Literal["auto"] = "auto",
+        jit_compile: bool | Literal["auto"] = "auto",
+        clip_global_norm: float | None = None,
+        callbacks: Iterable[Callback] = (),
+        checkpoint: Any = None,
+        strategy: tf.distribute.Strategy | None = None,
+        seed: int | None = None,
+    ) -> None:
+        if not hasattr(model, "trainable_variables"):
+            raise ConfigError(
+                f"model must be a keras.Model or a tf.Module owning tf.Variables, got "
+                f"{type(model).__name__}."
+            )
+        self.model = model
+        self.optimizer = _resolve_optimizer(optimizer)
+        self.loss = _resolve_loss(loss)
+        self._metric_specs = _validate_metric_specs(metrics)
+        self.accumulate_steps = _validate_steps(accumulate_steps, "accumulate_steps")
+        self.steps_per_execution = _validate_steps_per_execution(steps_per_execution)
+        self.jit_compile = _validate_jit_compile(jit_compile)
+        self.clip_global_norm = _validate_clip(clip_global_norm)
+        self.callbacks = _validate_callbacks(callbacks)
+        if checkpoint is not None:
+            raise ConfigError(
+                "checkpoint is not supported by this version of tfloop yet; pass checkpoint=None "
+                "and save with model.save() or tf.train.Checkpoint after fit."
+            )
+        if strategy is not None:
+            raise ConfigError(
+                "strategy is not supported by this version of tfloop yet; pass strategy=None."
+            )
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ConfigError(f"seed must be an int or None, got {seed!r}.")
+        self.seed = seed
+        self._data_seed = seed if seed is not None else random.SystemRandom().randrange(2**31)
+
+        self.stop_training = False
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.compiled_metrics: list[keras.metrics.Metric] = []
+        self._accumulator: GradientAccumulator | None = None
+        self._closes_window: tf.Tensor | None = None
+        self._loops: dict[str, CompiledLoop] = {}
+        self._built_metrics = False
+        self._built_training = False
+        self._in_fit = False
+        self._epochs: int | None = None
+        self._steps_per_epoch: int | None = None
+
+    # ------------------------------------------------------------------ the step, top to bottom
+
+    @property
+    def trainable_variables(self) -> list[Any]:
+        """The variables the optimizer updates."""
+        return list(self.model.trainable_variables)
+
+    @property
+    def metrics(self) -> list[keras.metrics.Metric]:
+        """The loss tracker followed by the compiled metrics; their results are the logs."""
+        return [self.loss_tracker, *self.compiled_metrics]
+
+    def compute_loss(self, batch: Nested, training: bool) -> tf.Tensor:
+        """Returns the scalar mean loss of ``batch`` and updates the compiled metrics.
+
+        ``batch`` is one element of the input as given: ``(x, y)``, ``(x, y, sample_weight)``
+        or ``x``. Override it for a custom loss; call ``self.update_metrics(y, y_pred,
+        sample_weight)`` in the override if you want the compiled metrics. The returned value
+        must be the *mean* over the batch's examples: accumulation weights it by example count.
+        """
+        x, y, sample_weight = data_lib.unpack_batch(batch)
+        if self.loss is None:
+            raise ConfigError(
+                "loss is None: pass Trainer(loss=...) or override compute_loss in a subclass."
+            )
+        y_pred = self.model(x, training=training)
+        loss = self.loss(y, y_pred, sample_weight=sample_weight)
+        extra = getattr(self.model, "losses", None)
+        if extra:
+            loss = loss + tf.add_n([tf.cast(term, loss.dtype) for term in extra])
+        self.update_metrics(y, y_pred, sample_weight)
+        return loss
+
+    def update_metrics(self, y: Nested, y_pred: Nested, sample_weight: Nested = None) -> None:
+        """Updates every compiled metric with one batch."""
+        for metric in self.compiled_metrics:
+            metric.update_state(y, y_pred, sample_weight=sample_weight)
+
+    def train_step(self, batch: Nested) -> dict[str, tf.Tensor] | None:
+        """One micro-batch: loss on a tape, gradients, then ``apply_gradients``.
+
+        Runs inside the compiled loop. An override may return a dict of scalar tensors; the
+        values of the last step of each execution are added to the logs.
+        """
+        with tf.GradientTape() as tape:
+            loss = self.compute_loss(batch, training=True)
+        gradients = tape.gradient(loss, self.trainable_variables)
+        examples = data_lib.batch_size_of(batch)
+        self.apply_gradients(gradients, weight=examples)
+        self.loss_tracker.update_state(loss, sample_weight=examples)
+        return None
+
+    def apply_gradients(self, gradients: Sequence[Any], weight: Any = 1.0) -> None:
+        """Applies ``gradients`` (of a mean loss), or accumulates them when ``accumulate_steps > 1``.
+
+        With accumulation the update happens when the window is full or the epoch ends; the
+        partial last window is divided by its own total weight, never by ``accumulate_steps``.
+        """
+        variables = self.trainable_variables
+        if self._accumulator is None:
+            gradients = list(gradients)
+            if self.clip_global_norm is not None:
+                gradients, _ = tf.clip_by_global_norm(gradients, self.clip_global_norm)
+            self.optimizer.apply_gradients(zip(gradients, variables))
+            return
+        accumulator = self._accumulator
+        accumulator.accumulate(gradients, weight)
+        closes = accumulator.ready
+        if self._closes_window is not None:
+            closes = tf.logical_or(closes, self._closes_window)
+
+        def update() -> tf.Tensor:
+            accumulator.apply(self.optimizer, self.clip_global_norm)
+            return tf.constant(True)
+
+        tf.cond(closes, update, lambda: tf.constant(False))
+
+    def test_step(self, batch: Nested) -> dict[str, tf.Tensor] | None:
+        """One evaluation batch: loss and metrics, no update."""
+        loss = self.compute_loss(batch, training=False)
+        self.loss_tracker.update_state(loss, sample_weight=data_lib.batch_size_of(batch))
+        return None
+
+    def predict_step(self, batch: Nested) -> Nested:
+        """The model's outputs for one batch (the ``x`` part of it)."""
+        x, _, _ = data_lib.unpack_batch(batch)
+        return self.model(x, training=False)
+
+    def _results(self) -> dict[str, tf.Tensor]:
+        logs = {metric.name: metric.result() for metric in self.metrics}
+        logs["step"] = tf.identity(self.optimizer.iterations)
+        return logs
+
+    # ------------------------------------------------------------------------------ the API
+
+    def fit(
+        self,
+        data: Any,
+        epochs: int = 1,
+        steps_per_epoch: int | None = None,
+        validation_data: Any = None,
+        validation_freq: int = 1,
+        initial_epoch: int | None = None,
+        *,
+        batch_size: int | None = None,
+        shuffle: bool = True,
+        verbose: int = 1,
+    ) -> History:
+        """Trains for ``epochs`` epochs and returns the :class:`History` of epoch logs.
+
+        Args:
+            data: ``(x, y)`` or ``(x, y, sample_weight)`` arrays (tfloop batches them, with a
+                seeded shuffle each epoch), or a batched ``tf.data.Dataset``.
+            epochs: the epoch to stop at (as in Keras, counted from 0 including
+                ``initial_epoch``).
+            steps_per_epoch: batches per epoch; required for an infinite dataset. With a
+                dataset, one iterator then runs across epochs.
+            validation_data: evaluated after every ``validation_freq``-th epoch; its results
+                appear as ``val_<name>``.
+            initial_epoch: the epoch to start from (default 0).
+            batch_size: batch size for arrays (default 32); not allowed with a dataset.
+            shuffle: shuffle arrays each epoch (seeded by ``seed`` and the epoch number).
+            verbose: 1 shows progress (a bar on a terminal, plain lines otherwise); 0 is silent.
+        """
+        epochs = _validate_count(epochs, "epochs", minimum=1)
+        if steps_per_epoch is not None:
+            steps_per_epoch = _validate_count(steps_per_epoch, "steps_per_epoch", minimum=1)
+        validation_freq = _validate_count(validation_freq, "validation_freq", minimum=1)
+        initial_epoch = _validate_count(initial_epoch or 0, "initial_epoch", minimum=0)
+        source = data_lib.adapt(
+            data, batch_size=batch_size, shuffle=shuffle, seed=self._data_seed, argument="data"
+        )
+        if source.infinite and steps_per_epoch is None:
+            raise DataError(
+                "data is an infinite dataset (it repeats forever); pass steps_per_epoch=... "
+                "to say how many batches make an epoch."
+            )
+        if isinstance(source, data_lib._ArraySource) and steps_per_epoch is not None:
+            if steps_per_epoch > source.steps_per_epoch:  # type: ignore[operator]
+                raise ConfigError(
+                    f"steps_per_epoch={steps_per_epoch} is more than the "
+                    f"{source.steps_per_epoch} batches the arrays hold; lower it or leave it "
+                    "None (one pass over the arrays per epoch)."
+                )
+        validation = None
+        if validation_data is not None:
+            validation = data_lib.adapt(
+                validation_data, batch_size=batch_size, shuffle=False, argument="validation_data"
+            )
+        self._check_can_train()
+
+        epoch_steps = steps_per_epoch or source.steps_per_epoch
+        source.steps_per_execution = self._resolve_steps_per_execution(source, epoch_steps)
+        # One iterator across epochs when the user sets the epoch length of a dataset, so an
+        # infinite or long dataset is not restarted every epoch (as in Keras).
+        persistent = steps_per_epoch is not None and not isinstance(
+            source, data_lib._ArraySource
+        )
+        stream = data_lib.StepStream(source.epoch(initial_epoch))
+        first = stream.peek_batch()
+        if first is None:
+            raise DataError("data yielded no batches; pass a non-empty dataset.")
+        self._build(first, training=True)
+        if validation is not None:
+            validation.steps_per_execution = self._resolve_steps_per_execution(
+                validation, validation.steps_per_epoch
+            )
+        train = self._loop("train")
+
+        history = History()
+        extra: list[Callback] = [history]
+        if verbose:
+            extra.append(ProgressBar())
+        callbacks = CallbackList([*self.callbacks, *extra], trainer=self)
+        self.stop_training = False
+        self._in_fit, self._epochs, self._steps_per_epoch = True, epochs, epoch_steps
+        try:
+            callbacks.on_fit_start({})
+            for epoch in range(initial_epoch, epochs):
+                if epoch > initial_epoch and not persistent:
+                    stream = data_lib.StepStream(source.epoch(epoch))
+                logs = self._train_epoch(
+                    epoch, stream, train, steps_per_epoch, source.steps_per_execution, callbacks
+                )
+                if validation is not None and (epoch + 1) % validation_freq == 0:
+                    results = self._evaluate(validation, None, callbacks)
+                    logs.update({f"val_{name}": value for name, value in results.items()})
+                callbacks.on_epoch_end(epoch, logs)
+                if self.stop_training:
+                    break
+            callbacks.on_fit_end({})
+        finally:
+            self._in_fit = False
+        return history
+
+    def evaluate(
+        self,
+        data: Any,
+        steps: int | None = None,
+        *,
+        batch_size: int | None = None,
+        verbose: int = 0,
+    ) -> dict[str, float]:
+        """Returns the loss and metrics over ``data`` (all of it, or its first ``steps`` batches).
+
+        Example:
+            >>> import numpy as np, keras, tfloop
+            >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+            >>> trainer = tfloop.Trainer(model, loss="mse", metrics=["mae"])
+            >>> sorted(trainer.evaluate((np.ones((10, 2)), np.ones((10, 1)))))
+            ['loss', 'mae']
+        """
+        if steps is not None:
+            steps = _validate_count(steps, "steps", minimum=1)
+        source = data_lib.adapt(data, batch_size=batch_size, shuffle=False, argument="data")
+        self._check_steps_for_infinite(source, steps)
+        callbacks = CallbackList(
+            [*self.callbacks, *([ProgressBar()] if verbose else [])], trainer=self
+        )
+        source.steps_per_execution = self._resolve_steps_per_execution(
+            source, steps or source.steps_per_epoch
+        )
+        return self._evaluate(source, steps, callbacks)
+
+    def predict(
+        self, data: Any, steps: int | None = None, *, batch_size: int | None = None
+    ) -> Any:
+        """Returns the model's outputs for ``data`` as NumPy (nested like the outputs).
+
+        ``data`` is ``x`` arrays, ``(x, ...)`` tuples or a batched dataset; only ``x`` is used.
+
+        Example:
+            >>> import numpy as np, keras, tfloop
+            >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+            >>> tfloop.Trainer(model).predict(np.ones((5, 3))).shape
+            (5, 2)
+        """
+        if steps is not None:
+            steps = _validate_count(steps, "steps", minimum=1)
+        source = data_lib.adapt(data, batch_size=batch_size, shuffle=False, argument="data")
+        self._check_steps_for_infinite(source, steps)
+        source.steps_per_execution = self._resolve_steps_per_execution(
+            source, steps or source.steps_per_epoch
+        )
+        stream = data_lib.StepStream(source.epoch(0))
+        first = stream.peek_batch()
+        if first is None:
+            raise DataError("data yielded no batches; pass a non-empty dataset.")
+        self._check_model_accepts(first)
+        callbacks = CallbackList(self.callbacks, trainer=self)
+        callbacks.on_predict_start({})
+        loop = self._loop("predict")
+        outputs: list[Any] = []
+        for chunk_data, start, stop in _chunks(stream, source.steps_per_execution, steps):
+            stacked = loop(chunk_data, start, stop)
+            outputs.append(
+                tf.nest.map_structure(
+                    lambda t: np.reshape(t[start:stop].numpy(), (-1, *t.shape[2:])),  # noqa: B023
+                    stacked,
+                )
+            )
+        callbacks.on_predict_end({})
+        return tf.nest.map_structure(lambda *parts: np.concatenate(parts), *outputs)
+
+    # ------------------------------------------------------------------------- host-side loop
+
+    def _train_epoch(
+        self,
+        epoch: int,
+        stream: data_lib.StepStream,
+        train: CompiledLoop,
+        steps_per_epoch: int | None,
+        limit: int,
+        callbacks: CallbackList,
+    ) -> dict[str, float]:
+        for metric in self.metrics:
+            metric.reset_state()
+        callbacks.on_epoch_start(epoch, {})
+        done = 0
+        logs: dict[str, float] = {}
+        while steps_per_epoch is None or done < steps_per_epoch:
+            budget = limit if steps_per_epoch is None else min(limit, steps_per_epoch - done)
+            chunk = stream.next_chunk(budget)
+            if chunk is None:
+                if steps_per_epoch is not None:
+                    logger.warning(
+                        "tfloop: data ran out after %d of steps_per_epoch=%d batches in epoch "
+                        "%d; training stops. Use dataset.repeat() for more epochs.",
+                        done,
+                        steps_per_epoch,
+                        epoch,
+                    )
+                    self.stop_training = True
+                break
+            piece, start, stop = chunk
+            done += stop - start
+            epoch_over = done == steps_per_epoch or (
+                steps_per_epoch is None and not stream.has_next()
+            )
+            # The step that ends the epoch also ends its accumulation window, however partial.
+            flush_at = stop - 1 if epoch_over else -1
+            results, step_logs = train(piece, start, stop, flush_at)
+            logs = _to_floats(results, step_logs)
+            logs["batch"] = float(done - 1)
+            callbacks.on_train_batch_end(done - 1, logs)
+            if self.stop_training:
+                break
+        if done == 0:
+            raise DataError(f"data yielded no batches in epoch {epoch}.")
+        return {name: value for name, value in logs.items() if name not in ("step", "batch")}
+
+    def _evaluate(
+        self, source: data_lib.DataSource, steps: int | None, callbacks: CallbackList
+    ) -> dict[str, float]:
+        stream = data_lib.StepStream(source.epoch(0))
+        first = stream.peek_batch()
+        if first is None:
+            raise DataError("data yielded no batches; pass a non-empty dataset.")
+        self._build(first, training=False)
+        loop = self._loop("test")
+        for metric in self.metrics:
+            metric.reset_state()
+        callbacks.on_eval_start({})
+        logs: dict[str, float] = {}
+        for piece, start, stop in _chunks(stream, source.steps_per_execution, steps):
+            results, step_logs = loop(piece, start, stop)
+            logs = _to_floats(results, step_logs)
+        logs.pop("step", None)
+        callbacks.on_eval_end(logs)
+        return logs
+
+    def _loop(self, kind: str) -> CompiledLoop:
+        if kind not in self._loops:
+            self._loops[kind] = CompiledLoop(self, kind, self.jit_compile)
+        return self._loops[kind]
+
+    # ------------------------------------------------------------------- checks and building
+
+    def _check_can_train(self) -> None:
+        overrides_loss = type(self).compute_loss is not Trainer.compute_loss
+        overrides_step = type(self).train_step is not Trainer.train_step
+        if self.loss is None and not (overrides_loss or overrides_step):
+            raise ConfigError(
+                "loss is None: pass Trainer(loss=...) (e.g. 'mse') or override compute_loss."
+            )
+        if not self.trainable_variables and not overrides_step:
+            raise ConfigError(
+                "model has no trainable variables, so there is nothing to train; build the "
+                "model (or unfreeze its layers) before fit."
+            )
+
+    def _check_steps_for_infinite(self, source: data_lib.DataSource, steps: int | None) -> None:
+        if source.infinite and steps is None:
+            raise DataError(
+                "data is an infinite dataset; pass steps=... to say how many batches to use."
+            )
+
+    def _resolve_steps_per_execution(
+        self, source: data_lib.DataSource, epoch_steps: int | None
+    ) -> int:
+        if self.steps_per_execution != "auto":
+            return int(self.steps_per_execution)
+        steps = AUTO_STEPS_PER_EXECUTION
+        if epoch_steps is not None:
+            steps = min(steps, epoch_steps)
+        return max(1, min(steps, SUPERBATCH_MEMORY_CAP // max(1, source.bytes_per_batch)))
+
+    def _check_model_accepts(self, batch: Nested) -> Nested:
+        """Runs the model once, eagerly, on one batch; turns a failure into a DataError."""
+        x, _, _ = data_lib.unpack_batch(batch)
+        self._maybe_seed_unbuilt_model()
+        try:
+            return self.predict_step(batch)
+        except Exception as error:
+            expected = _expected_input(self.model)
+            raise DataError(
+                f"data: the model cannot take x {_describe(x)}{expected}: {_first_line(error)}. "
+                "Reshape or cast x to the model's input, or change the model's Input. If the "
+                "data is an unbatched dataset, call .batch(batch_size) on it."
+            ) from error
+
+    def _build(self, batch: Nested, training: bool) -> None:
+        """Creates everything the compiled loop needs, checking the data against the model.
+
+        Runs the model and the loss once, eagerly, on one batch, so a shape or dtype mismatch
+        surfaces here as a DataError that names the argument, not as a graph stack trace.
+        """
+        overrides_loss = type(self).compute_loss is not Trainer.compute_loss
+        _, y, _ = data_lib.unpack_batch(batch)
+        if not overrides_loss or self._metric_specs:
+            y_pred = self._check_model_accepts(batch)
+            if not self._built_metrics:
+                self.compiled_metrics = [
+                    _resolve_metric(spec, self.loss, y, y_pred) for spec in self._metric_specs
+                ]
+                self._built_metrics = True
+        if y is None and not overrides_loss:
+            raise DataError(
+                "data has no targets: pass (x, y) or a dataset of (x, y) tuples (or override "
+                "compute_loss for a loss without targets)."
+            )
+        try:
+            self.compute_loss(batch, training=False)
+        except (ConfigError, DataError):
+            raise
+        except Exception as error:
+            raise DataError(
+                f"data: the loss cannot be computed for y {_describe(y)}: "
+                f"{_first_line(error)}. Check that y matches the model's output and the loss "
+                "(e.g. one-hot labels for categorical_crossentropy, integer labels for "
+                "sparse_categorical_crossentropy)."
+            ) from error
+        finally:
+            for metric in self.metrics:
+                metric.reset_state()
+        if training and not self._built_training:
+            variables = self.trainable_variables
+            if not getattr(self.optimizer, "built", False):
+                self.optimizer.build(variables)
+            if self.accumulate_steps > 1:
+                self._accumulator = GradientAccumulator(variables, self.accumulate_steps)
+            self._reseed_dropout()
+            self._built_training = True
+
+    def _maybe_seed_unbuilt_model(self) -> None:
+        if self.seed is not None and not getattr(self.model, "built", True):
+            keras.utils.set_random_seed(self.seed)
+
+    def _reseed_dropout(self) -> None:
+        """Gives every Keras seed generator (Dropout, noise layers) a state derived from seed."""
+        if self.seed is None or not isinstance(self.model, keras.Model):
+            return
+        generators = [
+            generator
+            for layer in self.model._flatten_layers(include_self=True)
+            for generator in getattr(layer, "_seed_generators", [])
+        ]
+        for index, generator in enumerate(generators):
+            state = generator.state
+            state.assign(tf.constant([self.seed, index], dtype=state.dtype))
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def _chunks(
+    stream: data_lib.StepStream, limit: int, steps: int | None
+) -> Iterable[tuple[Nested, int, int]]:
+    done = 0
+    while steps is None or done < steps:
+        chunk = stream.next_chunk(limit if steps is None else min(limit, steps - done))
+        if chunk is None:
+            return
+        done += chunk[2] - chunk[1]
+        yield chunk
+
+
+def _to_floats(results: dict[str, Any], step_logs: dict[str, Any] | None) -> dict[str, float]:
+    logs = {name: float(value) for name, value in results.items()}
+    for name, value in (step_logs or {}).items():
+        logs[name] = float(np.asarray(value).mean())
+    return logs
+
+
+def _describe(value: Nested) -> str:
+    if value is None:
+        return "(none)"
+    parts = [f"{tuple(t.shape)} {t.dtype.name}" for t in tf.nest.flatten(value)]
+    return "of shape/dtype " + ", ".join(parts)
+
+
+def _expected_input(model: Any) -> str:
+    try:
+        shape = model.input_shape
+    except (AttributeError, ValueError, RuntimeError):
+        return ""
+    return f" (the model expects {shape})"
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:400] if text else type(error).__name__
+
+
+def _resolve_optimizer(optimizer: Any) -> keras.optimizers.Optimizer:
+    if isinstance(optimizer, keras.optimizers.Optimizer):
+        return optimizer
+    if isinstance(optimizer, str):
+        try:
+            return keras.optimizers.get(optimizer)
+        except ValueError as error:
+            raise ConfigError(
+                f"optimizer={optimizer!r} is not a Keras optimizer name; use e.g. 'adam', "
+                "'sgd', 'rmsprop', 'adamw', or pass a keras.optimizers.Optimizer."
+            ) from error
+    raise ConfigError(
+        f"optimizer must be a name or a keras.optimizers.Optimizer, got {type(optimizer).__name__}."
+    )
+
+
+def _resolve_loss(loss: Any) -> Any:
+    if loss is None or isinstance(loss, keras.losses.Loss):
+        return loss
+    if isinstance(loss, str):
+        try:
+            loss = keras.losses.get(loss)
+        except ValueError as error:
+            raise ConfigError(
+                f"loss={loss!r} is not a Keras loss name; use e.g. 'mse', "
+                "'categorical_crossentropy', 'sparse_categorical_crossentropy', or a callable."
+            ) from error
+        if isinstance(loss, keras.losses.Loss):
+            return loss
+    if callable(loss):
+        # The wrapper reduces per-example values to the mean over the batch (sample weights
+        # included), as Keras's own losses do.
+        return _LossFunction(loss)
+    raise ConfigError(f"loss must be a name, a keras Loss or a callable, got {loss!r}.")
+
+
+class _LossFunction(keras.losses.Loss):  # type: ignore[misc]
+    """Wraps ``fn(y_true, y_pred)``; Keras's ``Loss.__call__`` applies sample weights and the
+    mean over the batch, so per-example and already-reduced functions both work."""
+
+    def __init__(self, fn: Any) -> None:
+        super().__init__(name=getattr(fn, "__name__", "loss"))
+        self.fn = fn
+
+    def call(self, y_true: Any, y_pred: Any) -> Any:
+        return self.fn(y_true, y_pred)
+
+
+def _validate_metric_specs(metrics: Any) -> list[Any]:
+    if isinstance(metrics, (str, keras.metrics.Metric)) or callable(metrics):
+        metrics = [metrics]
+    specs = list(metrics)
+    for spec in specs:
+        if isinstance(spec, str):
+            if spec in ("accuracy", "acc"):
+                continue
+            try:
+                keras.metrics.get(spec)
+            except ValueError as error:
+                raise ConfigError(
+                    f"metrics: {spec!r} is not a Keras metric name; use e.g. 'accuracy', "
+                    "'mae', 'mse', or pass a keras.metrics.Metric."
+                ) from error
+        elif not (isinstance(spec, keras.metrics.Metric) or callable(spec)):
+            raise ConfigError(
+                f"metrics: {spec!r} is neither a metric name, a keras.metrics.Metric nor a "
+                "callable(y_true, y_pred)."
+            )
+    return specs
+
+
+def _resolve_metric(spec: Any, loss: Any, y: Nested, y_pred: Nested) -> keras.metrics.Metric:
+    if isinstance(spec, keras.metrics.Metric):
+        return spec
+    if isinstance(spec, str) and spec in ("accuracy", "acc"):
+        return _accuracy(spec, y, y_pred)
+    if isinstance(spec, str):
+        metric = keras.metrics.get(spec)
+        if isinstance(metric, keras.metrics.Metric):
+            metric.name = spec
+            return metric
+        spec = metric
+    return keras.metrics.MeanMetricWrapper(spec, name=getattr(spec, "__name__", "metric"))
+
+
+def _accuracy(name: str, y: Nested, y_pred: Nested) -> keras.metrics.Metric:
+    """Picks binary, sparse or categorical accuracy from the shapes, as Keras does."""
+    y_true_shape = tuple(tf.nest.flatten(y)[0].shape) if y is not None else ()
+    y_pred_shape = tuple(tf.nest.flatten(y_pred)[0].shape)
+    if y_pred_shape[-1:] == (1,) or len(y_pred_shape) == 1:
+        return keras.metrics.BinaryAccuracy(name=name)
+    if len(y_true_shape) < len(y_pred_shape) or (
+        y_true_shape[-1:] == (1,) and y_pred_shape[-1] != 1
+    ):
+        return keras.metrics.SparseCategoricalAccuracy(name=name)
+    return keras.metrics.CategoricalAccuracy(name=name)
+
+
+def _validate_steps_per_execution(value: Any) -> int | Literal["auto"]:
+    if value == "auto":
+        return "auto"
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(
+            f"steps_per_execution must be 'auto' or an int >= 1, got {value!r}."
+        )
+    return value
+
+
+def _validate_jit_compile(value: Any) -> bool | Literal["auto"]:
+    if value == "auto" or isinstance(value, bool):
+        return value  # type: ignore[no-any-return]
+    raise ConfigError(f"jit_compile must be True, False or 'auto', got {value!r}.")
+
+
+def _validate_clip(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigError(
+            f"clip_global_norm must be a positive number or None, got {value!r}."
+        )
+    return float(value)
+
+
+def _validate_callbacks(callbacks: Iterable[Any]) -> list[Callback]:
+    if isinstance(callbacks, Callback):
+        callbacks = [callbacks]
+    result = list(callbacks)
+    for callback in result:
+        if isinstance(callback, keras.callbacks.Callback):
+            raise ConfigError(
+                f"callbacks: {type(callback).__name__} is a Keras callback; tfloop callbacks "
+                "subclass tfloop.Callback."
+            )
+        if not isinstance(callback, Callback):
+            raise ConfigError(
+                f"callbacks: {callback!r} is not a tfloop.Callback; subclass tfloop.Callback."
+            )
+    return result
+
+
+def _validate_count(value: Any, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ConfigError(f"{name} must be an int >= {minimum}, got {value!r}.")
+    return int(value)
