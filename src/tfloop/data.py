@@ -367,7 +367,7 @@ class _DatasetSource(DataSource):
         # out on the host: once per superbatch, not per step.
         def with_shapes(*element: Any) -> Any:
             element = element[0] if len(element) == 1 else element
-            shapes = [tf.shape(t) for t in tf.nest.flatten(element)]
+            shapes = tuple(tf.shape(t) for t in tf.nest.flatten(element))
             return element, shapes
 
         stacked = self.dataset.map(with_shapes).padded_batch(k).prefetch(2)

@@ -150,7 +150,7 @@ class Trainer:
             raise ConfigError(
                 "loss is None: pass Trainer(loss=...) or override compute_loss in a subclass."
             )
-        y_pred = self.model(x, training=training)
+        y_pred = self._call_model(x, training)
         loss = self.loss(y, y_pred, sample_weight=sample_weight)
         extra = getattr(self.model, "losses", None)
         if extra:
@@ -211,7 +211,13 @@ class Trainer:
     def predict_step(self, batch: Nested) -> Nested:
         """The model's outputs for one batch (the ``x`` part of it)."""
         x, _, _ = data_lib.unpack_batch(batch)
-        return self.model(x, training=False)
+        return self._call_model(x, training=False)
+
+    def _call_model(self, x: Nested, training: bool) -> Nested:
+        # Keras layers take a training flag (Dropout, BatchNorm); a plain tf.Module may not.
+        if isinstance(self.model, keras.layers.Layer):
+            return self.model(x, training=training)
+        return self.model(x)
 
     def _results(self) -> dict[str, tf.Tensor]:
         logs = {metric.name: metric.result() for metric in self.metrics}
