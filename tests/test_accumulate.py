@@ -1,0 +1,127 @@
+"""Exact accumulation: k micro-batches make the update of their concatenation."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import assert_weights_equal, make_data, make_model, weights_of
+from hypothesis import given
+from hypothesis import strategies as st
+
+import tfloop
+from tfloop.errors import ConfigError
+
+
+def fit(data, *, batch_size, accumulate, optimizer, clip=None, epochs=2, steps="auto", jit=False):
+    model = make_model()
+    trainer = tfloop.Trainer(
+        model, keras.optimizers.get(optimizer), "categorical_crossentropy",
+        accumulate_steps=accumulate, clip_global_norm=clip, steps_per_execution=steps,
+        jit_compile=jit,
+    )
+    trainer.fit(data, epochs=epochs, batch_size=batch_size, shuffle=False, verbose=0)
+    return trainer, weights_of(model)
+
+
+@given(
+    n=st.integers(8, 80),
+    micro=st.integers(1, 9),
+    k=st.integers(1, 8),
+    optimizer=st.sampled_from(["sgd", "adam"]),
+    weighted=st.booleans(),
+    clip=st.sampled_from([None, 0.05]),
+)
+def test_accumulated_update_equals_big_batch_update(n, micro, k, optimizer, weighted, clip):
+    x, y = make_data(n)
+    weights = np.random.default_rng(n).uniform(0.1, 3.0, n).astype("float32")
+    data = (x, y, weights) if weighted else (x, y)
+    accumulated, got = fit(data, batch_size=micro, accumulate=k, optimizer=optimizer, clip=clip)
+    _, expected = fit(data, batch_size=micro * k, accumulate=1, optimizer=optimizer, clip=clip)
+    assert_weights_equal(got, expected, rtol=1e-5, atol=1e-6)
+    micro_batches = -(-n // micro)
+    assert int(accumulated.optimizer.iterations) == 2 * -(-micro_batches // k)
+
+
+def test_accumulation_with_xla_and_fusion_matches_unfused():
+    x, y = make_data(77)
+    _, fused = fit((x, y), batch_size=4, accumulate=3, optimizer="adam", steps=5, jit=True)
+    _, plain = fit((x, y), batch_size=4, accumulate=3, optimizer="adam", steps=1, jit=False)
+    assert_weights_equal(fused, plain, rtol=1e-4, atol=1e-6)
+
+
+def test_unequal_micro_batches_are_weighted_by_their_size():
+    x, y = make_data(17)
+    sizes = [3, 7, 2, 5]  # one window of 4 micro-batches of unequal size
+    starts = np.cumsum([0, *sizes[:-1]])
+    batches = [(x[s : s + m], y[s : s + m]) for s, m in zip(starts, sizes)]
+    dataset = tf.data.Dataset.from_generator(
+        lambda: iter(batches),
+        output_signature=(tf.TensorSpec([None, 5]), tf.TensorSpec([None, 3])),
+    )
+    trainer, got = fit(dataset, batch_size=None, accumulate=4, optimizer="sgd", epochs=1)
+    _, expected = fit((x, y), batch_size=17, accumulate=1, optimizer="sgd", epochs=1)
+    assert_weights_equal(got, expected, rtol=1e-5, atol=1e-7)
+    assert int(trainer.optimizer.iterations) == 1
+
+
+def test_learning_rate_schedules_count_updates_not_micro_batches():
+    x, y = make_data(48)
+    schedule = keras.optimizers.schedules.PiecewiseConstantDecay([1], [0.5, 0.0])
+    model = make_model()
+    trainer = tfloop.Trainer(model, keras.optimizers.SGD(schedule), "categorical_crossentropy",
+                             accumulate_steps=4)
+    trainer.fit((x, y), epochs=1, batch_size=4, shuffle=False, verbose=0)  # 12 micro, 3 updates
+    assert int(trainer.optimizer.iterations) == 3
+    # the reference: updates 0 and 1 use lr 0.5, update 2 uses lr 0 (a no-op)
+    reference = make_model()
+    reference_trainer = tfloop.Trainer(reference, keras.optimizers.SGD(0.5),
+                                       "categorical_crossentropy")
+    reference_trainer.fit((x[:32], y[:32]), epochs=1, batch_size=16, shuffle=False, verbose=0)
+    assert_weights_equal(weights_of(model), weights_of(reference), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_gradient_accumulator_inside_a_compiled_function(jit):
+    variable = tf.Variable([0.0, 0.0])
+    accumulator = tfloop.GradientAccumulator([variable], steps=3)
+    optimizer = keras.optimizers.SGD(1.0)
+    optimizer.build([variable])
+    grads = tf.constant([[1.0, 2.0], [3.0, -1.0], [0.5, 0.5]])
+    weights = tf.constant([2.0, 1.0, 5.0])
+
+    @tf.function(jit_compile=jit)
+    def run():
+        for i in tf.range(3):
+            accumulator.accumulate([grads[i]], weights[i])
+        ready = accumulator.ready
+        accumulator.apply(optimizer)
+        return ready
+
+    assert bool(run())
+    expected = -(tf.reduce_sum(grads * weights[:, None], 0) / tf.reduce_sum(weights)).numpy()
+    np.testing.assert_allclose(variable.numpy(), expected, rtol=1e-6)
+    assert int(accumulator.count) == 0 and float(accumulator.total_weight) == 0.0
+
+
+def test_a_window_of_zero_weight_is_a_no_op_not_nan():
+    variable = tf.Variable([1.0])
+    accumulator = tfloop.GradientAccumulator([variable], steps=1)
+    optimizer = keras.optimizers.Adam(0.1)
+    optimizer.build([variable])
+    accumulator.accumulate([tf.constant([5.0])], weight=0)
+    accumulator.apply(optimizer)
+    assert variable.numpy().tolist() == [1.0]
+    assert int(optimizer.iterations) == 0
+
+
+@pytest.mark.parametrize("steps", [0, -1, 1.5, True, "2"])
+def test_bad_steps_are_rejected(steps):
+    with pytest.raises(ConfigError, match="steps"):
+        tfloop.GradientAccumulator([tf.Variable(1.0)], steps=steps)
+
+
+def test_no_variables_is_rejected():
+    with pytest.raises(ConfigError, match="variables is empty"):
+        tfloop.GradientAccumulator([], steps=2)
