@@ -16,7 +16,7 @@ __all__ = ["ProgressBar"]
 def format_logs(logs: Logs) -> str:
     """``"loss: 0.1234 - accuracy: 0.9500"``, skipping the ``step`` and ``batch`` counters."""
     return " - ".join(
-        f"{name}: {value:.4g}" for name, value in logs.items() if name not in ("step", "batch")
+        f"{name}: {value:.4f}" for name, value in logs.items() if name not in ("step", "batch")
     )
 
 
@@ -35,7 +35,7 @@ class ProgressBar(Callback):
         >>> bar = ProgressBar(stream=out)
         >>> bar.on_epoch_start(0, {})
         >>> bar.on_epoch_end(0, {"loss": 0.25})
-        >>> "loss: 0.25" in out.getvalue() and "\\r" not in out.getvalue()
+        >>> "loss: 0.2500" in out.getvalue() and "\\r" not in out.getvalue()
         True
     """
 
