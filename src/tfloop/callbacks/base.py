@@ -67,6 +67,20 @@ class Callback:
     def on_predict_end(self, logs: Logs) -> None:
         """After ``predict``."""
 
+    def on_checkpoint(self, path: str, logs: Logs) -> None:
+        """After a checkpoint was written to ``path``."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """State to save in checkpoints (JSON-serializable), so a resumed run continues exactly.
+
+        Override together with :meth:`load_state_dict` in callbacks that keep state across
+        epochs (a best value, a patience counter, a file offset). The default has none.
+        """
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores what :meth:`state_dict` returned."""
+
 
 class CallbackList:
     """Calls an event on each callback, in the order given.
@@ -118,3 +132,6 @@ class CallbackList:
 
     def on_predict_end(self, logs: Logs) -> None:
         self._call("on_predict_end", logs)
+
+    def on_checkpoint(self, path: str, logs: Logs) -> None:
+        self._call("on_checkpoint", path, logs)
