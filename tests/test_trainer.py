@@ -113,7 +113,7 @@ def test_an_overridden_train_step_keeps_the_fused_loop_and_adds_its_logs(jit):
     assert all(logs["grad_norm"] > 0 for _, logs in seen)
     assert [logs["step"] for _, logs in seen] == [4, 8, 12, 16]
     assert history.history["grad_norm"] == [seen[1][1]["grad_norm"], seen[3][1]["grad_norm"]]
-    assert trainer._loops["train"].tracing_count == 1
+    assert trainer._loop("train").tracing_count == 1
 
 
 def test_events_come_in_order_and_history_matches_epoch_logs():
@@ -254,7 +254,7 @@ def test_jit_auto_falls_back_when_xla_cannot_compile(caplog):
 
     trainer = HostLoss(make_model(), "sgd")
     trainer.fit(make_data(20), epochs=1, batch_size=5, verbose=0)
-    assert trainer._loops["train"].jit is False
+    assert trainer._loop("train").jit is False
     assert "XLA could not compile" in caplog.text
     assert int(trainer.optimizer.iterations) == 4
 
@@ -274,3 +274,27 @@ def test_verbose_progress_prints_plain_epoch_lines(capsys):
     out = capsys.readouterr().out
     assert "epoch 1/2" in out and "epoch 2/2" in out and "accuracy:" in out
     assert "\r" not in out and "\x1b" not in out
+
+
+class NaNAfter(tfloop.Trainer):
+    """The loss turns NaN for every batch whose first x value is negative."""
+
+    def compute_loss(self, batch, training):
+        loss = super().compute_loss(batch, training)
+        x = batch[0]
+        return tf.where(x[0, 0] < 0, tf.constant(float("nan")), loss)
+
+
+@pytest.mark.parametrize("policy", ["skip", "raise"])
+def test_non_finite_gradients_are_dropped_in_graph_and_counted(policy):
+    x, y = make_data(40)
+    x[:, 0] = np.abs(x[:, 0])
+    x[[8, 24], 0] = -1.0  # batches 2 and 6 (of 4 examples) give NaN
+    trainer = NaNAfter(make_model(), "sgd", "categorical_crossentropy", steps_per_execution=3)
+    trainer.non_finite = policy
+    history = trainer.fit((x, y), epochs=1, batch_size=4, shuffle=False, verbose=0)
+    assert all(np.isfinite(w).all() for w in weights_of(trainer.model))
+    assert int(trainer.optimizer.iterations) == 8
+    assert trainer.first_non_finite_step == 2
+    assert int(trainer._non_finite_steps) == 2
+    assert np.isfinite(history.history["loss"][0])

@@ -118,6 +118,15 @@ class Trainer:
         self.compiled_metrics: list[keras.metrics.Metric] = []
         self._accumulator: GradientAccumulator | None = None
         self._closes_window: tf.Tensor | None = None
+        # What to do with NaN/Inf gradients: "ignore" (apply them), "skip" or "raise" (drop the
+        # update in-graph; NonFiniteGuard raises on the host). Read when the loop is traced.
+        self.non_finite: Literal["ignore", "skip", "raise"] = "ignore"
+        self._non_finite_steps = tf.Variable(
+            tf.constant(0, tf.int64), trainable=False, name="non_finite_steps"
+        )
+        self._first_non_finite_step = tf.Variable(
+            tf.constant(-1, tf.int64), trainable=False, name="first_non_finite_step"
+        )
         self._loops: dict[str, CompiledLoop] = {}
         self._built_metrics = False
         self._built_training = False
@@ -173,25 +182,34 @@ class Trainer:
             loss = self.compute_loss(batch, training=True)
         gradients = tape.gradient(loss, self.trainable_variables)
         examples = data_lib.batch_size_of(batch)
-        self.apply_gradients(gradients, weight=examples)
+        self.apply_gradients(gradients, weight=examples, loss=loss)
+        if self.non_finite != "ignore":
+            # A dropped step does not count in the epoch's mean loss either.
+            finite = tf.math.is_finite(loss)
+            loss = tf.where(finite, loss, tf.zeros_like(loss))
+            examples = tf.where(finite, examples, tf.zeros_like(examples))
         self.loss_tracker.update_state(loss, sample_weight=examples)
         return None
 
-    def apply_gradients(self, gradients: Sequence[Any], weight: Any = 1.0) -> None:
+    def apply_gradients(
+        self, gradients: Sequence[Any], weight: Any = 1.0, loss: Any = None
+    ) -> None:
         """Applies ``gradients`` (of a mean loss), or accumulates them when ``accumulate_steps > 1``.
 
         With accumulation the update happens when the window is full or the epoch ends; the
         partial last window is divided by its own total weight, never by ``accumulate_steps``.
+        Under a non-finite policy other than ``"ignore"`` (see ``NonFiniteGuard``), gradients
+        with a NaN or Inf (or a non-finite ``loss``, if given) are dropped in-graph, so they
+        never reach the weights.
         """
-        variables = self.trainable_variables
-        if self._accumulator is None:
-            gradients = list(gradients)
-            if self.clip_global_norm is not None:
-                gradients, _ = tf.clip_by_global_norm(gradients, self.clip_global_norm)
-            self.optimizer.apply_gradients(zip(gradients, variables))
-            return
+        gradients = list(gradients)
         accumulator = self._accumulator
-        accumulator.accumulate(gradients, weight)
+        if accumulator is None:
+            self._unless_non_finite(gradients, loss, lambda: self._update(gradients))
+            return
+        self._unless_non_finite(
+            gradients, loss, lambda: accumulator.accumulate(gradients, weight)
+        )
         closes = accumulator.ready
         if self._closes_window is not None:
             closes = tf.logical_or(closes, self._closes_window)
@@ -201,6 +219,37 @@ class Trainer:
             return tf.constant(True)
 
         tf.cond(closes, update, lambda: tf.constant(False))
+
+    def _update(self, gradients: list[Any]) -> None:
+        if self.clip_global_norm is not None:
+            gradients, _ = tf.clip_by_global_norm(gradients, self.clip_global_norm)
+        self.optimizer.apply_gradients(zip(gradients, self.trainable_variables))
+
+    def _unless_non_finite(self, gradients: list[Any], loss: Any, action: Any) -> None:
+        if self.non_finite == "ignore":
+            action()
+            return
+        # The loss is checked too: a NaN picked by tf.where has a finite (zero) gradient.
+        tensors = [g for g in gradients if g is not None] + ([loss] if loss is not None else [])
+        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in tensors])
+
+        def run() -> tf.Tensor:
+            action()
+            return tf.constant(True)
+
+        def skip() -> tf.Tensor:
+            step = tf.cast(self.optimizer.iterations, tf.int64)
+            first = self._first_non_finite_step
+            first.assign(tf.where(first < 0, step, first))
+            self._non_finite_steps.assign_add(1)
+            return tf.constant(False)
+
+        tf.cond(finite, run, skip)
+
+    @property
+    def first_non_finite_step(self) -> int:
+        """The update step at which the first non-finite gradient was dropped (-1: none yet)."""
+        return int(self._first_non_finite_step.numpy())
 
     def test_step(self, batch: Nested) -> dict[str, tf.Tensor] | None:
         """One evaluation batch: loss and metrics, no update."""
@@ -222,6 +271,8 @@ class Trainer:
     def _results(self) -> dict[str, tf.Tensor]:
         logs = {metric.name: metric.result() for metric in self.metrics}
         logs["step"] = tf.identity(self.optimizer.iterations)
+        if self.non_finite != "ignore":
+            logs["non_finite_steps"] = tf.identity(self._non_finite_steps)
         return logs
 
     # ------------------------------------------------------------------------------ the API
@@ -293,18 +344,17 @@ class Trainer:
         first = stream.peek_batch()
         if first is None:
             raise DataError("data yielded no batches; pass a non-empty dataset.")
+        history = History()
+        extra: list[Callback] = [history]
+        if verbose:
+            extra.append(ProgressBar())
+        callbacks = CallbackList([*self.callbacks, *extra], trainer=self)
         self._build(first, training=True)
         if validation is not None:
             validation.steps_per_execution = self._resolve_steps_per_execution(
                 validation, validation.steps_per_epoch
             )
         train = self._loop("train")
-
-        history = History()
-        extra: list[Callback] = [history]
-        if verbose:
-            extra.append(ProgressBar())
-        callbacks = CallbackList([*self.callbacks, *extra], trainer=self)
         self.stop_training = False
         self._in_fit, self._epochs, self._steps_per_epoch = True, epochs, epoch_steps
         try:
@@ -463,9 +513,11 @@ class Trainer:
         return logs
 
     def _loop(self, kind: str) -> CompiledLoop:
-        if kind not in self._loops:
-            self._loops[kind] = CompiledLoop(self, kind, self.jit_compile)
-        return self._loops[kind]
+        # The non-finite policy is baked into the trace, so it is part of the cache key.
+        key = f"{kind}/{self.non_finite}" if kind == "train" else kind
+        if key not in self._loops:
+            self._loops[key] = CompiledLoop(self, kind, self.jit_compile)
+        return self._loops[key]
 
     # ------------------------------------------------------------------- checks and building
 
