@@ -21,10 +21,14 @@ Example:
     4
     >>> [(tuple(p.data[0].shape), p.steps) for p in source.epoch(0)]
     [((2, 32, 3), 2), ((2, 32, 3), 1), ((2, 4, 3), 1)]
+    >>> stream = source.stream(0, start_step=3)  # resume at the fourth batch
+    >>> stream.peek_batch()[0].shape
+    TensorShape([4, 3])
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 from collections.abc import Iterator
@@ -77,24 +81,36 @@ class StepStream:
     ``next_chunk(limit)`` returns ``(data, start, stop)``: run steps ``start..stop-1`` of
     ``data``, at most ``limit`` of them. A piece can be consumed over several chunks, so a step
     budget (``steps_per_epoch``, a checkpoint every n updates) lands exactly without reslicing.
+
+    ``groups`` yields the pieces cut from one iterator element at a time; ``iterator`` is that
+    ``tf.data`` iterator (saved in checkpoints), or ``None`` when the position is a batch index.
     """
 
-    def __init__(self, pieces: Iterator[Piece]) -> None:
-        self._pieces = pieces
-        self._piece: Piece | None = None
+    def __init__(
+        self,
+        groups: Iterator[list[Piece]],
+        steps_per_execution: int,
+        iterator: Any = None,
+    ) -> None:
+        self._groups = groups
+        self._queue: collections.deque[Piece] = collections.deque()
         self._offset = 0
+        self.steps_per_execution = steps_per_execution
+        self.iterator = iterator
         self.exhausted = False
 
     def _current(self) -> Piece | None:
-        while self._piece is None or self._offset >= self._piece.steps:
+        while not self._queue or self._offset >= self._queue[0].steps:
+            if self._queue:
+                self._queue.popleft()
+                self._offset = 0
+                continue
             try:
-                self._piece = next(self._pieces)
+                self._queue.extend(next(self._groups))
             except StopIteration:
-                self._piece = None
                 self.exhausted = True
                 return None
-            self._offset = 0
-        return self._piece
+        return self._queue[0]
 
     def has_next(self) -> bool:
         """Whether another step is left (pulls the next piece if needed)."""
@@ -116,6 +132,25 @@ class StepStream:
         self._offset = stop
         return piece.data, start, stop
 
+    def leftover(self) -> list[Nested]:
+        """The steps already pulled from the iterator but not run yet, unpadded.
+
+        A checkpoint saves them next to the iterator state, so a resume continues at exactly
+        the next step even when a save lands in the middle of a superbatch.
+        """
+        runs = []
+        for index, piece in enumerate(self._queue):
+            first = self._offset if index == 0 else 0
+            if first < piece.steps:
+                runs.append(tf.nest.map_structure(lambda t: t[first : piece.steps], piece.data))  # noqa: B023
+        return runs
+
+    def restore_leftover(self, runs: list[Nested]) -> None:
+        """Puts saved :meth:`leftover` runs back in front of the stream."""
+        self._queue.clear()
+        self._offset = 0
+        self._queue.extend(_pad_steps(run, self.steps_per_execution) for run in runs)
+
 
 class DataSource:
     """What the Trainer needs from its input: the epochs' pieces and their step counts."""
@@ -127,9 +162,16 @@ class DataSource:
 
     bytes_per_batch: int
 
-    def epoch(self, epoch: int) -> Iterator[Piece]:
-        """The pieces of one pass over the data (``epoch`` seeds the shuffle, if any)."""
+    def stream(self, epoch: int, start_step: int = 0) -> StepStream:
+        """The steps of one pass over the data, from ``start_step`` on (``epoch`` seeds the
+        shuffle of arrays)."""
         raise NotImplementedError
+
+    def epoch(self, epoch: int) -> Iterator[Piece]:
+        """The pieces of one whole pass over the data."""
+        stream = self.stream(epoch)
+        while stream.has_next():
+            yield stream._queue.popleft()
 
 
 def adapt(
@@ -276,33 +318,43 @@ class _ArraySource(DataSource):
             indices, seed=tf.constant([self.seed, epoch], tf.int64)
         )
 
-    def epoch(self, epoch: int) -> Iterator[Piece]:
+    def stream(self, epoch: int, start_step: int = 0) -> StepStream:
+        return StepStream(
+            ([piece] for piece in self._pieces(epoch, start_step)), self.steps_per_execution
+        )
+
+    def _pieces(self, epoch: int, start_step: int) -> Iterator[Piece]:
         k, b, n = self.steps_per_execution, self.batch_size, self.num_examples
         order = self.order(epoch)
         full_batches, partial = divmod(n, b)
-        full_pieces, rest = divmod(full_batches, k)
+        first = min(start_step, full_batches)
+        full_pieces, rest = divmod(full_batches - first, k)
+        begin = first * b
 
         rows: list[tf.Tensor] = []
         steps: list[int] = []
         if full_pieces:
-            rows.append(tf.reshape(order[: full_pieces * k * b], [full_pieces, k * b]))
+            region = order[begin : begin + full_pieces * k * b]
+            rows.append(tf.reshape(region, [full_pieces, k * b]))
             steps += [k] * full_pieces
         if rest:
             # Pad the index row with example 0: the padded steps are never run, and the piece
             # keeps the shape of a full superbatch, so it needs no trace of its own.
-            tail = order[full_pieces * k * b : full_batches * b]
+            tail = order[begin + full_pieces * k * b : full_batches * b]
             rows.append(tf.pad(tail, [[0, (k - rest) * b]])[None])
             steps.append(rest)
         dataset: tf.data.Dataset | None = None
         if rows:
             dataset = self._gather(tf.concat(rows, 0), [k, b])
-        if partial:
-            last = self._gather(order[None, full_batches * b :], [1, partial])
+        if partial and start_step <= full_batches:
+            # The partial batch has a shape of its own: one more trace, of [K, partial].
+            indices = tf.pad(order[full_batches * b :], [[0, (k - 1) * partial]])[None]
+            last = self._gather(indices, [k, partial])
             dataset = last if dataset is None else dataset.concatenate(last)
             steps.append(1)
-        assert dataset is not None
-        dataset = dataset.prefetch(2)
-        for data, count in zip(dataset, steps):
+        if dataset is None:
+            return
+        for data, count in zip(dataset.prefetch(2), steps):
             yield Piece(data, count)
 
     def _gather(self, index_rows: tf.Tensor, leading: list[int]) -> tf.data.Dataset:
@@ -356,32 +408,47 @@ class _DatasetSource(DataSource):
                     ".batch(batch_size) on the dataset before passing it."
                 )
 
-    def epoch(self, epoch: int) -> Iterator[Piece]:
+    def stream(self, epoch: int, start_step: int = 0) -> StepStream:
         k = self.steps_per_execution
         if self.uniform:
-            for data in self.dataset.batch(k).prefetch(2):
-                yield _pad_steps(data, k)
-            return
-        # Batches may differ in shape (the last, partial batch; bucketed sequence lengths).
-        # Stack them padded, with each step's true shapes, and cut runs of equal shape back
-        # out on the host: once per superbatch, not per step.
-        def with_shapes(*element: Any) -> Any:
-            element = element[0] if len(element) == 1 else element
-            shapes = tuple(tf.shape(t) for t in tf.nest.flatten(element))
-            return element, shapes
+            iterator = iter(self.dataset.batch(k).prefetch(2))
+            groups: Iterator[list[Piece]] = ([_pad_steps(data, k)] for data in iterator)
+        else:
+            # Batches may differ in shape (the last, partial batch; bucketed sequence lengths).
+            # Stack them padded, with each step's true shapes, and cut runs of equal shape back
+            # out on the host: once per superbatch, not per step.
+            def with_shapes(*element: Any) -> Any:
+                element = element[0] if len(element) == 1 else element
+                shapes = tuple(tf.shape(t) for t in tf.nest.flatten(element))
+                return element, shapes
 
-        stacked = self.dataset.map(with_shapes).padded_batch(k).prefetch(2)
-        for data, shapes in stacked:
-            # One row per step: the shapes of all its tensors, concatenated.
-            rows = np.concatenate([s.numpy() for s in shapes], axis=1)
-            start = 0
-            while start < len(rows):
-                stop = start + 1
-                while stop < len(rows) and np.array_equal(rows[stop], rows[start]):
-                    stop += 1
-                run = _slice_run(data, start, stop, [s[start].numpy() for s in shapes])
-                yield _pad_steps(run, k)
-                start = stop
+            iterator = iter(self.dataset.map(with_shapes).padded_batch(k).prefetch(2))
+            groups = (_split_runs(data, shapes, k) for data, shapes in iterator)
+        stream = StepStream(groups, k, iterator)
+        if start_step:
+            # Without a saved iterator state the only way back is to skip batches; exact for a
+            # deterministic pipeline, approximate for one that reshuffles per iterator.
+            skipped = 0
+            while skipped < start_step:
+                chunk = stream.next_chunk(start_step - skipped)
+                if chunk is None:
+                    break
+                skipped += chunk[2] - chunk[1]
+        return stream
+
+
+def _split_runs(data: Nested, shapes: Any, k: int) -> list[Piece]:
+    rows = np.concatenate([s.numpy() for s in shapes], axis=1)  # one row of shapes per step
+    pieces = []
+    start = 0
+    while start < len(rows):
+        stop = start + 1
+        while stop < len(rows) and np.array_equal(rows[stop], rows[start]):
+            stop += 1
+        run = _slice_run(data, start, stop, [s[start].numpy() for s in shapes])
+        pieces.append(_pad_steps(run, k))
+        start = stop
+    return pieces
 
 
 def _slice_run(data: Nested, start: int, stop: int, shapes: list[np.ndarray]) -> Nested:

@@ -340,7 +340,7 @@ class Trainer:
         persistent = steps_per_epoch is not None and not isinstance(
             source, data_lib._ArraySource
         )
-        stream = data_lib.StepStream(source.epoch(initial_epoch))
+        stream = source.stream(initial_epoch)
         first = stream.peek_batch()
         if first is None:
             raise DataError("data yielded no batches; pass a non-empty dataset.")
@@ -361,7 +361,7 @@ class Trainer:
             callbacks.on_fit_start({})
             for epoch in range(initial_epoch, epochs):
                 if epoch > initial_epoch and not persistent:
-                    stream = data_lib.StepStream(source.epoch(epoch))
+                    stream = source.stream(epoch)
                 logs = self._train_epoch(
                     epoch, stream, train, steps_per_epoch, source.steps_per_execution, callbacks
                 )
@@ -425,7 +425,7 @@ class Trainer:
         source.steps_per_execution = self._resolve_steps_per_execution(
             source, steps or source.steps_per_epoch
         )
-        stream = data_lib.StepStream(source.epoch(0))
+        stream = source.stream(0)
         first = stream.peek_batch()
         if first is None:
             raise DataError("data yielded no batches; pass a non-empty dataset.")
@@ -495,7 +495,7 @@ class Trainer:
     def _evaluate(
         self, source: data_lib.DataSource, steps: int | None, callbacks: CallbackList
     ) -> dict[str, float]:
-        stream = data_lib.StepStream(source.epoch(0))
+        stream = source.stream(0)
         first = stream.peek_batch()
         if first is None:
             raise DataError("data yielded no batches; pass a non-empty dataset.")
