@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import keras
 import numpy as np
@@ -19,28 +19,43 @@ PEAK = "matmul-peak"
 
 @dataclass(frozen=True)
 class Ratio:
-    """A same-run figure of the targets table: FLOP/s of ``numerator`` over ``denominator``.
+    """A same-run figure of the targets table: ``numerator`` over ``denominator``.
 
-    Every contender of a workload does the same work per example, so for two contenders the
-    ratio of FLOP/s equals the ratio of samples/s; with ``denominator=PEAK`` it is the model
-    FLOP utilisation (MFU) against the matmul peak measured in the same run.
+    ``kind="throughput"`` compares FLOP/s. Every contender of a workload does the same work
+    per example, so for two contenders that is their ratio of samples/s; with
+    ``denominator=PEAK`` it is the model FLOP utilisation against the matmul peak measured in
+    the same run. ``kind="warmup"`` compares warm-up overheads (first epoch minus the median
+    steady epoch) and ``kind="rss"`` peak resident memory (``--rss``).
     """
 
     numerator: str
     denominator: str
     target: float | None = None
-    """Lower bound from BENCHMARKS.md; None for figures reported for information only."""
+    """Bound from BENCHMARKS.md; None for figures reported for information only."""
+    kind: Literal["throughput", "warmup", "rss"] = "throughput"
+    at_most: bool = False
+    """The target is an upper bound (lower bound otherwise)."""
 
     @property
     def label(self) -> str:
         """Human-readable name of the figure."""
         if self.denominator == PEAK:
             return f"{self.numerator} model FLOP/s / matmul peak"
-        return f"{self.numerator} / {self.denominator}"
+        prefix = {"throughput": "", "warmup": "warm-up overhead ", "rss": "peak RSS "}[self.kind]
+        return f"{prefix}{self.numerator} / {self.denominator}"
+
+    @property
+    def target_text(self) -> str:
+        """The target as written in BENCHMARKS.md, or "-"."""
+        if self.target is None:
+            return "-"
+        return f"{'≤' if self.at_most else '≥'} {self.target:g}"
 
     def met(self, value: float) -> bool | None:
-        """Whether ``value`` reaches the target (None when there is no target)."""
-        return None if self.target is None else value >= self.target
+        """Whether ``value`` meets the target (None when there is no target)."""
+        if self.target is None:
+            return None
+        return value <= self.target if self.at_most else value >= self.target
 
 
 @dataclass(frozen=True)
@@ -81,7 +96,7 @@ class Workload:
         return x, self.make_targets(x)
 
     def train_flops_per_example(self) -> float:
-        """Model FLOPs of one training example: 3 × the forward matmul/conv FLOPs.
+        """Model FLOPs of one training example: 3 x the forward matmul/conv FLOPs.
 
         Forward: 2·in·out per Dense layer and 2·kh·kw·cin·cout·oh·ow per Conv2D layer (one
         multiply-add = 2 FLOPs); biases, activations, pooling, loss and the optimizer update
@@ -95,11 +110,11 @@ def _forward_flops(layer: keras.layers.Layer) -> float:
     """Forward FLOPs of one example through ``layer`` (0 for layers without a matmul)."""
     if isinstance(layer, keras.layers.Dense):
         fan_in, units = layer.kernel.shape
-        return 2.0 * fan_in * units
+        return float(2 * fan_in * units)
     if isinstance(layer, keras.layers.Conv2D):
         kh, kw, cin, cout = layer.kernel.shape
         _, oh, ow, _ = layer.output.shape
-        return 2.0 * kh * kw * cin * cout * oh * ow
+        return float(2 * kh * kw * cin * cout * oh * ow)
     return 0.0
 
 
@@ -110,7 +125,8 @@ def _teacher_classes(num_classes: int) -> Callable[[np.ndarray], np.ndarray]:
         flat = x.reshape(len(x), -1)
         weights = np.random.default_rng(1).standard_normal((flat.shape[1], num_classes))
         labels = np.argmax((flat - 0.5) @ weights, axis=1)
-        return np.eye(num_classes, dtype=np.float32)[labels]
+        one_hot: np.ndarray = np.eye(num_classes, dtype=np.float32)[labels]
+        return one_hot
 
     return targets
 
@@ -195,11 +211,13 @@ WORKLOADS: dict[str, Workload] = {
                 Ratio("tfloop-default", PEAK, 0.75),
                 Ratio("hand-loop", "keras-tuned"),
                 Ratio("hand-loop", PEAK),
+                Ratio("tfloop-default", "keras-tuned", 1.1, kind="warmup", at_most=True),
+                Ratio("tfloop-default", "keras-default", 1.05, kind="rss", at_most=True),
             ),
         ),
         _classifier(
             name="mlp-accum",
-            description="the mlp workload with accumulate_steps=4 (micro-batch 32 × 4)",
+            description="the mlp workload with accumulate_steps=4 (micro-batch 32 x 4)",
             input_shape=(784,),
             build_layers=_mlp_layers,
             batch_size=32,
@@ -229,12 +247,18 @@ WORKLOADS: dict[str, Workload] = {
         ),
         _classifier(
             name="cnn",
-            description="Conv(32) → pool → Conv(64) → pool → Dense(10) on 28×28×1, batch 64",
+            description="Conv(32) → pool → Conv(64) → pool → Dense(10) on 28x28x1, batch 64",
             input_shape=(28, 28, 1),
             build_layers=_cnn_layers,
             batch_size=64,
             num_samples=59_968,
-            contenders=("keras-default", "keras-tuned", "hand-loop-K64", "tfloop-default", "tfloop-best"),
+            contenders=(
+                "keras-default",
+                "keras-tuned",
+                "hand-loop-K64",
+                "tfloop-default",
+                "tfloop-best",
+            ),
             ratios=(Ratio("tfloop-default", "keras-tuned"), _BEST),
         ),
         Workload(
@@ -249,7 +273,13 @@ WORKLOADS: dict[str, Workload] = {
             optimizer="sgd",
             batch_size=4,
             num_samples=20_000,
-            contenders=("keras-default", "keras-tuned", "hand-loop-K256", "tfloop-default", "tfloop-best"),
+            contenders=(
+                "keras-default",
+                "keras-tuned",
+                "hand-loop-K256",
+                "tfloop-default",
+                "tfloop-best",
+            ),
             ratios=(Ratio("tfloop-default", "keras-tuned"), _BEST),
         ),
     )
