@@ -15,7 +15,7 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "ConfigError", "DataError", "TfloopError"]
+__all__ = ["CheckpointError", "ConfigError", "DataError", "NonFiniteError", "TfloopError"]
 
 
 class TfloopError(Exception):
@@ -33,3 +33,18 @@ class DataError(TfloopError, ValueError):
 
 class CheckpointError(TfloopError):
     """A checkpoint cannot be written or restored safely."""
+
+
+class NonFiniteError(TfloopError, FloatingPointError):
+    """Training produced a NaN or Inf loss or gradient (raised by ``NonFiniteGuard("raise")``).
+
+    The offending update was dropped in-graph, so the weights are still finite. ``step`` is the
+    optimizer update at which it happened (``None`` if only a range is known) and ``tensor``
+    names what was non-finite: ``"loss"``, a gradient (``"gradient of dense/kernel"``) or
+    ``"loss or gradients"``.
+    """
+
+    def __init__(self, message: str, step: int | None = None, tensor: str | None = None) -> None:
+        super().__init__(message)
+        self.step = step
+        self.tensor = tensor

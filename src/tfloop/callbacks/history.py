@@ -1,6 +1,10 @@
-"""History: the per-epoch logs of ``fit``, as in Keras."""
+"""History: the per-epoch logs of ``fit``, as in Keras, and a plot of them."""
 
 from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
 
 from tfloop.callbacks.base import Callback, Logs
 
@@ -11,7 +15,9 @@ class History(Callback):
     """Records each epoch's logs; ``fit`` returns it.
 
     Attributes:
-        history: ``{name: [value per epoch]}``, e.g. ``history["val_loss"]``.
+        history: ``{name: [value per epoch]}``, e.g. ``history["val_loss"]``. As in Keras, a
+            key only gets values for the epochs that had it (``val_*`` with
+            ``validation_freq > 1``).
         epoch: the epoch indices that were recorded.
 
     Example:
@@ -25,11 +31,58 @@ class History(Callback):
     def __init__(self) -> None:
         self.history: dict[str, list[float]] = {}
         self.epoch: list[int] = []
+        self._records: list[tuple[int, dict[str, float]]] = []
 
     def on_epoch_end(self, epoch: int, logs: Logs) -> None:
         self.epoch.append(epoch)
+        self._records.append((epoch, dict(logs)))
         for name, value in logs.items():
             self.history.setdefault(name, []).append(value)
+
+    @classmethod
+    def from_jsonl(cls, path: str | os.PathLike[str]) -> History:
+        """The History of a run from the epoch records a ``JSONLLogger`` wrote to ``path``.
+
+        Example:
+            >>> import os, tempfile
+            >>> from tfloop.callbacks import JSONLLogger
+            >>> path = os.path.join(tempfile.mkdtemp(), "run.jsonl")
+            >>> logger = JSONLLogger(path)
+            >>> for epoch, loss in enumerate([0.9, 0.4]):
+            ...     logger.on_epoch_end(epoch, {"loss": loss})
+            >>> History.from_jsonl(path).history
+            {'loss': [0.9, 0.4]}
+        """
+        from tfloop.callbacks._plot import read_epoch_records
+
+        history = cls()
+        for epoch, logs in read_epoch_records(path):
+            history.on_epoch_end(epoch, logs)
+        return history
+
+    def plot(
+        self,
+        path: str | os.PathLike[str],
+        keys: Sequence[str] | None = None,
+        title: str | None = None,
+    ) -> Path:
+        """Writes loss and metric curves to the PNG ``path`` (needs ``tfloop[plot]``).
+
+        One panel per quantity, its training and ``val_`` curves together, against the epoch.
+        ``keys`` picks what to draw (default: every key); an unknown key raises ConfigError
+        listing the available ones. Returns the path written.
+
+        Example:
+            >>> import os, tempfile
+            >>> h = History()
+            >>> for epoch, loss in enumerate([1.0, 0.6, 0.4]):
+            ...     h.on_epoch_end(epoch, {"loss": loss, "val_loss": loss + 0.1})
+            >>> h.plot(os.path.join(tempfile.mkdtemp(), "curves.png")).suffix
+            '.png'
+        """
+        from tfloop.callbacks._plot import plot_curves
+
+        return plot_curves(self._records, path, keys=keys, title=title)
 
     def __repr__(self) -> str:
         return f"History(epochs={len(self.epoch)}, keys={sorted(self.history)})"

@@ -1,0 +1,108 @@
+"""The quantity EarlyStopping and ReduceLROnPlateau watch: lookup, direction, improvement."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal
+
+from tfloop.callbacks._common import check_number
+from tfloop.callbacks.base import Logs
+from tfloop.errors import ConfigError
+
+if TYPE_CHECKING:
+    from tfloop.trainer import Trainer
+
+__all__ = ["Mode", "Monitor"]
+
+Mode = Literal["auto", "min", "max"]
+
+
+class Monitor:
+    """One monitored log key and the rule for "better" (Keras's ``MonitorCallback`` rule).
+
+    ``current`` improves on ``best`` when ``current < best - min_delta`` (mode ``"min"``) or
+    ``current > best + min_delta`` (mode ``"max"``); anything improves on ``None``.
+
+    Example:
+        >>> monitor = Monitor("EarlyStopping", "loss", "min", min_delta=0.1)
+        >>> monitor.is_improvement(0.85, 1.0), monitor.is_improvement(0.95, 1.0)
+        (True, False)
+    """
+
+    def __init__(self, owner: str, monitor: str, mode: str, min_delta: float) -> None:
+        if not isinstance(monitor, str) or not monitor:
+            raise ConfigError(f"{owner}: monitor must be a log key such as 'val_loss'.")
+        if mode not in ("auto", "min", "max"):
+            raise ConfigError(f"{owner}: mode must be 'auto', 'min' or 'max', got {mode!r}.")
+        self.owner = owner
+        self.monitor = monitor
+        self.mode: Mode = mode  # type: ignore[assignment]
+        self.min_delta = check_number(min_delta, "min_delta", owner)
+        self._direction: Literal["min", "max"] | None = None if mode == "auto" else mode  # type: ignore[assignment]
+        self._trainer: Trainer | None = None
+
+    def bind(self, trainer: Trainer | None) -> None:
+        """At the start of ``fit``: checks what can be checked before training.
+
+        A ``val_*`` key needs ``validation_data``. The direction of a Trainer metric is fixed
+        now, so an undecidable ``mode="auto"`` fails before training; other keys (a typo, a
+        value a callback adds) are decided at the first epoch end, where a missing key is
+        reported as missing.
+        """
+        self._trainer = trainer
+        if trainer is None:
+            return
+        in_fit_without_validation = (
+            getattr(trainer, "_in_fit", False) and getattr(trainer, "_validation_freq", 0) is None
+        )
+        if self.monitor.startswith("val_") and in_fit_without_validation:
+            raise ConfigError(
+                f"{self.owner}: monitor={self.monitor!r} needs validation results, but fit has "
+                "no validation_data. Pass validation_data=... to fit, or monitor a training key "
+                f"such as {self.monitor.removeprefix('val_')!r}."
+            )
+        names = {getattr(metric, "name", None) for metric in getattr(trainer, "metrics", ())}
+        if self._direction is None and self.monitor.removeprefix("val_") in names:
+            self.direction()
+
+    def value(self, logs: Logs) -> float | None:
+        """The monitored value; ``None`` in an epoch without validation (``validation_freq``).
+
+        Raises:
+            ConfigError: the key is not in the logs; the message lists the keys that are.
+        """
+        if self.monitor in logs:
+            return float(logs[self.monitor])
+        if self.monitor.startswith("val_") and not any(key.startswith("val_") for key in logs):
+            return None  # validation did not run this epoch
+        available = ", ".join(sorted(logs)) or "(none)"
+        raise ConfigError(
+            f"{self.owner}: monitor={self.monitor!r} is not in the epoch logs. Available keys: "
+            f"{available}. Pass one of them as monitor=..."
+        )
+
+    def direction(self) -> Literal["min", "max"]:
+        """``"min"`` or ``"max"``; mode ``"auto"`` asks the metric (as Keras does)."""
+        if self._direction is None:
+            self._direction = _infer_direction(self.owner, self.monitor, self._trainer)
+        return self._direction
+
+    def is_improvement(self, current: float, best: float | None) -> bool:
+        if best is None:
+            return True
+        if self.direction() == "min":
+            return current < best - self.min_delta
+        return current > best + self.min_delta
+
+
+def _infer_direction(owner: str, monitor: str, trainer: Any) -> Literal["min", "max"]:
+    name = monitor.removeprefix("val_")
+    if name == "loss" or name.endswith("_loss"):
+        return "min"
+    for metric in getattr(trainer, "metrics", None) or []:
+        direction = getattr(metric, "_direction", None)
+        if getattr(metric, "name", None) == name and direction in ("up", "down"):
+            return "max" if direction == "up" else "min"
+    raise ConfigError(
+        f"{owner}: mode='auto' cannot tell whether {monitor!r} should go down or up; pass "
+        "mode='min' or mode='max'."
+    )

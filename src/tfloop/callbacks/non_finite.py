@@ -1,0 +1,187 @@
+"""NonFiniteGuard and TerminateOnNaN: what to do when the loss or a gradient is NaN or Inf."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING, Literal
+
+from tfloop.callbacks.base import Callback, Logs
+from tfloop.errors import ConfigError, NonFiniteError
+
+if TYPE_CHECKING:
+    from tfloop.trainer import Trainer
+
+__all__ = ["NonFiniteGuard", "TerminateOnNaN"]
+
+logger = logging.getLogger("tfloop")
+
+Policy = Literal["raise", "skip", "ignore"]
+_POLICIES = ("raise", "skip", "ignore")
+_ADVICE = (
+    "Lower the learning rate, clip gradients with Trainer(clip_global_norm=...), check the data "
+    "for NaN/Inf, or pass NonFiniteGuard('skip') to skip such updates."
+)
+
+
+class NonFiniteGuard(Callback):
+    """Keeps NaN and Inf out of the weights: ``policy`` says what to do about them.
+
+    - ``"raise"``: the update is dropped in-graph and ``fit`` raises
+      :class:`tfloop.errors.NonFiniteError` after the execution that met it, naming the step
+      and what was non-finite (the loss, or the gradient of which variable). The other steps
+      of that execution (``steps_per_execution``) have run; the weights are finite.
+    - ``"skip"``: such updates are dropped in-graph and training goes on; logs get
+      ``non_finite_steps`` (the count so far) and the guard logs a warning the first time.
+      A dropped micro-batch does not count in the epoch's mean loss.
+    - ``"ignore"``: nothing is checked (the fastest; NaN gradients reach the weights).
+
+    The check runs inside the compiled step (a ``tf.cond`` around the update), so it costs no
+    host sync; the guard reads the count with the logs. Use one guard per Trainer.
+
+    Args:
+        policy: ``"raise"``, ``"skip"`` or ``"ignore"``.
+
+    Example:
+        >>> import keras, numpy as np, tfloop
+        >>> model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+        >>> trainer = tfloop.Trainer(model, "sgd", "mse",
+        ...                          callbacks=[tfloop.callbacks.NonFiniteGuard("raise")])
+        >>> x = np.array([[1.0], [np.nan]], dtype="float32")
+        >>> try:
+        ...     trainer.fit((x, x), batch_size=1, shuffle=False, verbose=0)
+        ... except tfloop.errors.NonFiniteError as error:
+        ...     print(error.step, error.tensor)
+        1 loss
+    """
+
+    def __init__(self, policy: str = "raise") -> None:
+        if policy not in _POLICIES:
+            raise ConfigError(
+                f"NonFiniteGuard: policy must be 'raise', 'skip' or 'ignore', got {policy!r}."
+            )
+        self.policy: Policy = policy  # type: ignore[assignment]
+        self.skipped = 0  # updates dropped during the current (or last) fit
+        self._seen = 0
+        self._last_step = 0
+
+    def _in_graph_policy(self) -> Policy:
+        return self.policy
+
+    def set_trainer(self, trainer: Trainer) -> None:
+        super().set_trainer(trainer)
+        mine = self._in_graph_policy()
+        for other in getattr(trainer, "callbacks", ()):
+            if isinstance(other, NonFiniteGuard) and other._in_graph_policy() != mine:
+                raise ConfigError(
+                    f"callbacks: {type(self).__name__} and {type(other).__name__} ask for "
+                    "different non-finite policies; keep one of them."
+                )
+        # Read when the training loop is traced, which happens after this.
+        trainer.non_finite = mine
+
+    def on_fit_start(self, logs: Logs) -> None:
+        trainer = self.trainer
+        self.skipped = 0
+        self._seen = int(trainer._non_finite_steps.numpy()) if trainer is not None else 0
+        self._last_step = int(trainer.optimizer.iterations) if trainer is not None else 0
+
+    def on_train_batch_end(self, batch: int, logs: Logs) -> None:
+        count = int(logs.get("non_finite_steps", self._seen))
+        step = int(logs.get("step", self._last_step))
+        if count > self._seen:
+            where, tensor = self._locate(step)
+            first = self.skipped == 0
+            self.skipped += count - self._seen
+            self._seen = count
+            self._on_non_finite(where, tensor, step, first)
+        self._last_step = step
+
+    def _locate(self, step: int) -> tuple[int | None, str]:
+        """The step and tensor of the first drop, when it is the trainer's first ever."""
+        trainer = self.trainer
+        first_step = getattr(trainer, "first_non_finite_step", -1)
+        if self._seen == 0 and first_step >= 0 and trainer is not None:
+            return first_step, _tensor_name(trainer)
+        return None, "loss or gradients"
+
+    def _describe(self, where: int | None, tensor: str, step: int) -> str:
+        if where is not None:
+            return f"non-finite {tensor} at step {where} (0-based update index)"
+        return f"non-finite {tensor} between step {self._last_step} and step {step}"
+
+    def _on_non_finite(self, where: int | None, tensor: str, step: int, first: bool) -> None:
+        what = self._describe(where, tensor, step)
+        if self.policy == "raise":
+            raise NonFiniteError(
+                f"{what}; the update was skipped, so the weights are finite. {_ADVICE}",
+                step=where,
+                tensor=tensor,
+            )
+        if self.policy == "skip" and first:
+            logger.warning(
+                "tfloop: skipped an update with %s; later ones are counted in "
+                "logs['non_finite_steps'].",
+                what,
+            )
+
+
+class TerminateOnNaN(NonFiniteGuard):
+    """Stops training when the loss or a gradient becomes NaN or Inf (as Keras's does).
+
+    Unlike Keras's, the offending update never reaches the weights: it is dropped in-graph, as
+    with ``NonFiniteGuard("skip")``, and ``fit`` stops at the end of that execution. A NaN or Inf
+    ``loss`` in the logs (from a ``train_step`` that does not pass its loss to
+    ``apply_gradients``) stops it too.
+
+    Args:
+        raise_error: raise :class:`tfloop.errors.NonFiniteError` instead of stopping quietly.
+
+    Example:
+        >>> import keras, numpy as np, tfloop
+        >>> model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+        >>> trainer = tfloop.Trainer(model, "sgd", "mse", steps_per_execution=1,
+        ...                          callbacks=[tfloop.callbacks.TerminateOnNaN()])
+        >>> x = np.array([[1.0], [np.nan], [2.0]], dtype="float32")
+        >>> _ = trainer.fit((x, x), epochs=3, batch_size=1, shuffle=False, verbose=0)
+        >>> int(trainer.optimizer.iterations), bool(np.isfinite(model.get_weights()[0]).all())
+        (1, True)
+    """
+
+    def __init__(self, raise_error: bool = False) -> None:
+        super().__init__("raise" if raise_error else "skip")
+        self.raise_error = bool(raise_error)
+
+    def _in_graph_policy(self) -> Policy:
+        return "skip"
+
+    def on_train_batch_end(self, batch: int, logs: Logs) -> None:
+        super().on_train_batch_end(batch, logs)
+        loss = logs.get("loss")
+        trainer = self.trainer
+        if loss is not None and not math.isfinite(loss) and trainer and not trainer.stop_training:
+            self._on_non_finite(None, "loss", int(logs.get("step", 0)), True)
+
+    def _describe(self, where: int | None, tensor: str, step: int) -> str:
+        if where is None and tensor == "loss":
+            return f"non-finite loss in the logs at step {step}"
+        return super()._describe(where, tensor, step)
+
+    def _on_non_finite(self, where: int | None, tensor: str, step: int, first: bool) -> None:
+        if self.raise_error:
+            super()._on_non_finite(where, tensor, step, first)
+        logger.warning("tfloop: %s; terminating training.", self._describe(where, tensor, step))
+        if self.trainer is not None:
+            self.trainer.stop_training = True
+
+
+def _tensor_name(trainer: Trainer) -> str:
+    variable = getattr(trainer, "_first_non_finite_tensor", None)
+    index = int(variable.numpy()) if variable is not None else -1
+    if index == 0:
+        return "loss"
+    variables = trainer.trainable_variables
+    if 1 <= index <= len(variables):
+        chosen = variables[index - 1]
+        return f"gradient of {getattr(chosen, 'path', None) or chosen.name}"
+    return "loss or gradients"

@@ -1,0 +1,79 @@
+"""Throughput: samples per second and steps per second, in the logs."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from tfloop.callbacks.base import Callback, Logs
+
+__all__ = ["Throughput"]
+
+SAMPLES = "samples_per_second"
+STEPS = "steps_per_second"
+
+
+class Throughput(Callback):
+    """Adds ``samples_per_second`` and ``steps_per_second`` to the training logs.
+
+    Batch logs get the rates of the execution that just ran (its steps over the time since the
+    previous batch event, or since the epoch started); epoch logs get the rates over the
+    epoch's training, from its start to its last execution, so validation time is not counted.
+    Steps are optimizer updates (the ``step`` in the logs): with ``accumulate_steps=k`` one
+    step is k micro-batches. Samples are the examples the loss was averaged over, read from the
+    Trainer's ``loss_tracker`` (a subclass whose ``train_step`` updates it without
+    ``sample_weight=batch size`` counts batches instead).
+
+    Put it before the callbacks that should see the rates (loggers, ``History``, which is
+    always last). It adds no device work: the values it reads are fetched with the logs.
+
+    Args:
+        clock: seconds as a float (``time.perf_counter``; tests pass a fake clock).
+
+    Example:
+        >>> import types
+        >>> ticks = iter([0.0, 2.0])
+        >>> meter = Throughput(clock=lambda: next(ticks))
+        >>> meter.trainer = types.SimpleNamespace(
+        ...     loss_tracker=types.SimpleNamespace(count=0.0),
+        ...     optimizer=types.SimpleNamespace(iterations=0))
+        >>> meter.on_epoch_start(0, {})
+        >>> meter.trainer.loss_tracker.count = 640.0
+        >>> logs = {"loss": 0.5, "step": 10.0}
+        >>> meter.on_train_batch_end(9, logs)
+        >>> logs["samples_per_second"], logs["steps_per_second"]
+        (320.0, 5.0)
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.clock = clock
+        self._start = self._last = (0.0, 0.0, 0)  # (time, samples, steps)
+
+    def _samples(self) -> float:
+        tracker = getattr(self.trainer, "loss_tracker", None)
+        return float(np.asarray(getattr(tracker, "count", 0.0))) if tracker is not None else 0.0
+
+    def on_epoch_start(self, epoch: int, logs: Logs) -> None:
+        steps = int(self.trainer.optimizer.iterations) if self.trainer is not None else 0
+        # A resumed epoch's tracker already holds the examples run before the checkpoint.
+        self._start = self._last = (self.clock(), self._samples(), steps)
+
+    def on_train_batch_end(self, batch: int, logs: Logs) -> None:
+        now = (self.clock(), self._samples(), int(logs.get("step", self._last[2])))
+        _add_rates(logs, self._last, now)
+        self._last = now
+
+    def on_epoch_end(self, epoch: int, logs: Logs) -> None:
+        _add_rates(logs, self._start, self._last)
+
+
+def _add_rates(
+    logs: Logs, before: tuple[float, float, int], after: tuple[float, float, int]
+) -> None:
+    seconds = after[0] - before[0]
+    if seconds <= 0:
+        return
+    logs[SAMPLES] = (after[1] - before[1]) / seconds
+    logs[STEPS] = (after[2] - before[2]) / seconds
