@@ -3,17 +3,19 @@
 Example:
     >>> import tfloop
     >>> sorted(name for name in tfloop.__all__ if name[0].isupper())
-    ['Callback', 'GradientAccumulator', 'History', 'Trainer']
+    ['Callback', 'Checkpointer', 'GradientAccumulator', 'History', 'Trainer']
 """
 
 from tfloop import callbacks, errors
 from tfloop._version import __version__
 from tfloop.accumulate import GradientAccumulator
 from tfloop.callbacks import Callback, History
+from tfloop.checkpoint import Checkpointer
 from tfloop.trainer import Trainer
 
 __all__ = [
     "Callback",
+    "Checkpointer",
     "GradientAccumulator",
     "History",
     "Trainer",

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -39,6 +40,8 @@ import numpy as np
 import tensorflow as tf
 
 from tfloop.errors import ConfigError, DataError
+
+logger = logging.getLogger("tfloop")
 
 __all__ = ["DataSource", "Piece", "StepStream", "adapt", "batch_size_of", "unpack_batch"]
 
@@ -98,6 +101,7 @@ class StepStream:
         self.steps_per_execution = steps_per_execution
         self.iterator = iterator
         self.exhausted = False
+        self.seeds_at_creation = 0  # shuffle seeds drawn from the dataset once it was made
 
     def _current(self) -> Piece | None:
         while not self._queue or self._offset >= self._queue[0].steps:
@@ -145,6 +149,10 @@ class StepStream:
                 runs.append(tf.nest.map_structure(lambda t: t[first : piece.steps], piece.data))  # noqa: B023
         return runs
 
+    def finish(self) -> None:
+        """Marks the underlying iterator as used up (its remaining steps come from a restore)."""
+        self._groups = iter(())
+
     def restore_leftover(self, runs: list[Nested]) -> None:
         """Puts saved :meth:`leftover` runs back in front of the stream."""
         self._queue.clear()
@@ -161,6 +169,17 @@ class DataSource:
     infinite: bool = False
 
     bytes_per_batch: int
+    seeds_drawn = 0  # iterators made so far (their shuffle seeds); arrays need none
+
+    def example_batch(self) -> Nested:
+        """A batch with the data's structure, shapes and dtypes, made without an iterator."""
+        raise NotImplementedError
+
+    def draw_seeds_until(self, count: int) -> None:
+        """Advances a dataset's shuffle-seed sequence (no-op for arrays)."""
+
+    def restored_seeds(self) -> None:
+        """Accounts for the seed a restore draws (no-op for arrays)."""
 
     def stream(self, epoch: int, start_step: int = 0) -> StepStream:
         """The steps of one pass over the data, from ``start_step`` on (``epoch`` seeds the
@@ -309,6 +328,9 @@ class _ArraySource(DataSource):
         # into the dataset graph (and hit the 2 GB graph limit for large arrays).
         self._arrays_dataset = tf.data.Dataset.from_tensors(arrays).repeat()
 
+    def example_batch(self) -> Nested:
+        return tf.nest.map_structure(lambda t: t[: self.batch_size], self.arrays)
+
     def order(self, epoch: int) -> tf.Tensor:
         """The example order of ``epoch``: a permutation seeded by ``(seed, epoch)``."""
         indices = tf.range(self.num_examples, dtype=tf.int64)
@@ -387,6 +409,11 @@ class _DatasetSource(DataSource):
         leaves = tf.nest.flatten(dataset.element_spec)
         static_batch = {leaf.shape[0] for leaf in leaves}
         self.batch_size = static_batch.pop() if len(static_batch) == 1 else None
+        # tf.data draws a new shuffle seed (reshuffle_each_iteration) for every iterator made
+        # from a dataset, in order; restoring an iterator's state sets that sequence to where
+        # it was at the save, plus one. Counting the draws lets a resumed run put the sequence
+        # exactly where an uninterrupted run has it (see Checkpointer).
+        self._iterators_made = 0
         self.uniform = self.batch_size is not None and all(
             leaf.shape.is_fully_defined() for leaf in leaves
         )
@@ -394,6 +421,26 @@ class _DatasetSource(DataSource):
             leaf.dtype.size * int(np.prod([d or 1 for d in leaf.shape[1:]])) for leaf in leaves
         )
         self.bytes_per_batch = bytes_per_example * (self.batch_size or DEFAULT_BATCH_SIZE)
+
+    def example_batch(self) -> Nested:
+        return tf.nest.map_structure(
+            lambda spec: tf.zeros([d if d is not None else 1 for d in spec.shape], spec.dtype),
+            self.dataset.element_spec,
+        )
+
+    @property
+    def seeds_drawn(self) -> int:
+        return self._iterators_made
+
+    def draw_seeds_until(self, count: int) -> None:
+        """Makes (and drops) iterators until ``count`` shuffle seeds have been drawn."""
+        while self._iterators_made < count:
+            iter(self.dataset)
+            self._iterators_made += 1
+
+    def restored_seeds(self) -> None:
+        """Records the seed that restoring an iterator's state draws."""
+        self._iterators_made += 1
 
     def _check_element_spec(self) -> None:
         for leaf in tf.nest.flatten(self.dataset.element_spec):
@@ -410,6 +457,7 @@ class _DatasetSource(DataSource):
 
     def stream(self, epoch: int, start_step: int = 0) -> StepStream:
         k = self.steps_per_execution
+        self._iterators_made += 1
         if self.uniform:
             iterator = iter(self.dataset.batch(k).prefetch(2))
             groups: Iterator[list[Piece]] = ([_pad_steps(data, k)] for data in iterator)
@@ -425,6 +473,7 @@ class _DatasetSource(DataSource):
             iterator = iter(self.dataset.map(with_shapes).padded_batch(k).prefetch(2))
             groups = (_split_runs(data, shapes, k) for data, shapes in iterator)
         stream = StepStream(groups, k, iterator)
+        stream.seeds_at_creation = self._iterators_made
         if start_step:
             # Without a saved iterator state the only way back is to skip batches; exact for a
             # deterministic pipeline, approximate for one that reshuffles per iterator.

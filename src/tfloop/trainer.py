@@ -10,6 +10,7 @@ feeds the compiled loop (``_loops.py``) superbatches of ``steps_per_execution`` 
 from __future__ import annotations
 
 import logging
+import os
 import random
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
@@ -19,9 +20,11 @@ import numpy as np
 import tensorflow as tf
 
 from tfloop import data as data_lib
+from tfloop._fit_loop import FitLoop, FitPlan
 from tfloop._loops import CompiledLoop
 from tfloop.accumulate import GradientAccumulator, _validate_steps
 from tfloop.callbacks import Callback, CallbackList, History, ProgressBar
+from tfloop.checkpoint import Checkpointer
 from tfloop.errors import ConfigError, DataError
 
 __all__ = ["Trainer"]
@@ -54,7 +57,8 @@ class Trainer:
             plain graph with a logged reason if XLA cannot compile the step.
         clip_global_norm: clip the (accumulated) gradient to this global norm before applying.
         callbacks: ``tfloop.Callback`` s.
-        checkpoint: reserved for the Checkpointer; only ``None`` is accepted in this version.
+        checkpoint: a directory (checkpoints every epoch, resume from the latest) or a
+            ``tfloop.Checkpointer``; ``None`` saves nothing.
         strategy: reserved for ``tf.distribute``; only ``None`` is accepted in this version.
         seed: makes shuffling, dropout and the initialisation of an unbuilt model reproducible.
 
@@ -99,11 +103,7 @@ class Trainer:
         self.jit_compile = _validate_jit_compile(jit_compile)
         self.clip_global_norm = _validate_clip(clip_global_norm)
         self.callbacks = _validate_callbacks(callbacks)
-        if checkpoint is not None:
-            raise ConfigError(
-                "checkpoint is not supported by this version of tfloop yet; pass checkpoint=None "
-                "and save with model.save() or tf.train.Checkpoint after fit."
-            )
+        self.checkpoint = _resolve_checkpoint(checkpoint)
         if strategy is not None:
             raise ConfigError(
                 "strategy is not supported by this version of tfloop yet; pass strategy=None."
@@ -114,6 +114,7 @@ class Trainer:
         self._data_seed = seed if seed is not None else random.SystemRandom().randrange(2**31)
 
         self.stop_training = False
+        self.preempted = False  # set by fit when a preemption signal made it save and return
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.compiled_metrics: list[keras.metrics.Metric] = []
         self._accumulator: GradientAccumulator | None = None
@@ -127,12 +128,19 @@ class Trainer:
         self._first_non_finite_step = tf.Variable(
             tf.constant(-1, tf.int64), trainable=False, name="first_non_finite_step"
         )
+        # What was non-finite at that step: 0 = the loss, i >= 1 = the gradient of
+        # trainable_variables[i - 1] (-1: none yet). NonFiniteGuard names it in its error.
+        self._first_non_finite_tensor = tf.Variable(
+            tf.constant(-1, tf.int64), trainable=False, name="first_non_finite_tensor"
+        )
         self._loops: dict[str, CompiledLoop] = {}
         self._built_metrics = False
         self._built_training = False
         self._in_fit = False
         self._epochs: int | None = None
         self._steps_per_epoch: int | None = None
+        self._validation_freq: int | None = None  # None: this fit has no validation_data
+        self._current_epoch = 0
 
     # ------------------------------------------------------------------ the step, top to bottom
 
@@ -230,8 +238,11 @@ class Trainer:
             action()
             return
         # The loss is checked too: a NaN picked by tf.where has a finite (zero) gradient.
-        tensors = [g for g in gradients if g is not None] + ([loss] if loss is not None else [])
-        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in tensors])
+        flags = [
+            tf.reduce_all(tf.math.is_finite(t)) if t is not None else tf.constant(True)
+            for t in [loss, *gradients]
+        ]
+        finite = tf.reduce_all(flags)
 
         def run() -> tf.Tensor:
             action()
@@ -240,7 +251,11 @@ class Trainer:
         def skip() -> tf.Tensor:
             step = tf.cast(self.optimizer.iterations, tf.int64)
             first = self._first_non_finite_step
-            first.assign(tf.where(first < 0, step, first))
+            is_first = first < 0
+            first.assign(tf.where(is_first, step, first))
+            which = tf.argmin(tf.cast(tf.stack(flags), tf.int32), output_type=tf.int64)
+            tensor = self._first_non_finite_tensor
+            tensor.assign(tf.where(is_first, which, tensor))
             self._non_finite_steps.assign_add(1)
             return tf.constant(False)
 
@@ -271,6 +286,8 @@ class Trainer:
     def _results(self) -> dict[str, tf.Tensor]:
         logs = {metric.name: metric.result() for metric in self.metrics}
         logs["step"] = tf.identity(self.optimizer.iterations)
+        if self._accumulator is not None:
+            logs["_window"] = tf.identity(self._accumulator.count)
         if self.non_finite != "ignore":
             logs["non_finite_steps"] = tf.identity(self._non_finite_steps)
         return logs
@@ -335,43 +352,36 @@ class Trainer:
 
         epoch_steps = steps_per_epoch or source.steps_per_epoch
         source.steps_per_execution = self._resolve_steps_per_execution(source, epoch_steps)
-        # One iterator across epochs when the user sets the epoch length of a dataset, so an
-        # infinite or long dataset is not restarted every epoch (as in Keras).
-        persistent = steps_per_epoch is not None and not isinstance(
-            source, data_lib._ArraySource
+        if validation is not None:
+            validation.steps_per_execution = self._resolve_steps_per_execution(
+                validation, validation.steps_per_epoch
+            )
+        plan = FitPlan(
+            source=source,
+            validation=validation,
+            epochs=epochs,
+            initial_epoch=initial_epoch,
+            steps_per_epoch=steps_per_epoch,
+            validation_freq=validation_freq,
+            # One iterator across epochs when the user sets the epoch length of a dataset, so
+            # an infinite or long dataset is not restarted every epoch (as in Keras).
+            persistent=steps_per_epoch is not None
+            and not isinstance(source, data_lib._ArraySource),
+            verbose=verbose,
         )
-        stream = source.stream(initial_epoch)
-        first = stream.peek_batch()
-        if first is None:
-            raise DataError("data yielded no batches; pass a non-empty dataset.")
         history = History()
         extra: list[Callback] = [history]
         if verbose:
             extra.append(ProgressBar())
         callbacks = CallbackList([*self.callbacks, *extra], trainer=self)
-        self._build(first, training=True)
-        if validation is not None:
-            validation.steps_per_execution = self._resolve_steps_per_execution(
-                validation, validation.steps_per_epoch
-            )
-        train = self._loop("train")
         self.stop_training = False
+        self.preempted = False
+        loop = FitLoop(self, plan, callbacks)
         self._in_fit, self._epochs, self._steps_per_epoch = True, epochs, epoch_steps
+        self._validation_freq = validation_freq if validation is not None else None
         try:
-            callbacks.on_fit_start({})
-            for epoch in range(initial_epoch, epochs):
-                if epoch > initial_epoch and not persistent:
-                    stream = source.stream(epoch)
-                logs = self._train_epoch(
-                    epoch, stream, train, steps_per_epoch, source.steps_per_execution, callbacks
-                )
-                if validation is not None and (epoch + 1) % validation_freq == 0:
-                    results = self._evaluate(validation, None, callbacks)
-                    logs.update({f"val_{name}": value for name, value in results.items()})
-                callbacks.on_epoch_end(epoch, logs)
-                if self.stop_training:
-                    break
-            callbacks.on_fit_end({})
+            loop.start()
+            loop.run()
         finally:
             self._in_fit = False
         return history
@@ -445,52 +455,29 @@ class Trainer:
         callbacks.on_predict_end({})
         return tf.nest.map_structure(lambda *parts: np.concatenate(parts), *outputs)
 
-    # ------------------------------------------------------------------------- host-side loop
+    def export(self, path: str | os.PathLike[str]) -> str:
+        """Saves the model for inference without tfloop; returns the path written.
 
-    def _train_epoch(
-        self,
-        epoch: int,
-        stream: data_lib.StepStream,
-        train: CompiledLoop,
-        steps_per_epoch: int | None,
-        limit: int,
-        callbacks: CallbackList,
-    ) -> dict[str, float]:
-        for metric in self.metrics:
-            metric.reset_state()
-        callbacks.on_epoch_start(epoch, {})
-        done = 0
-        logs: dict[str, float] = {}
-        while steps_per_epoch is None or done < steps_per_epoch:
-            budget = limit if steps_per_epoch is None else min(limit, steps_per_epoch - done)
-            chunk = stream.next_chunk(budget)
-            if chunk is None:
-                if steps_per_epoch is not None:
-                    logger.warning(
-                        "tfloop: data ran out after %d of steps_per_epoch=%d batches in epoch "
-                        "%d; training stops. Use dataset.repeat() for more epochs.",
-                        done,
-                        steps_per_epoch,
-                        epoch,
-                    )
-                    self.stop_training = True
-                break
-            piece, start, stop = chunk
-            done += stop - start
-            epoch_over = done == steps_per_epoch or (
-                steps_per_epoch is None and not stream.has_next()
+        A path ending in ``.keras`` gets a Keras model file (``keras.models.load_model``);
+        any other path a SavedModel directory (``tf.saved_model.load``), which a plain
+        ``tf.Module`` is always exported to.
+        """
+        path = os.fspath(path)
+        if isinstance(self.model, keras.Model):
+            if path.endswith(".keras"):
+                self.model.save(path)
+            else:
+                self.model.export(path, format="tf_saved_model", verbose=False)
+            return path
+        if path.endswith(".keras"):
+            raise ConfigError(
+                f"export path {path!r} asks for a .keras file, but the model is a "
+                f"{type(self.model).__name__}, not a keras.Model; pass a directory path."
             )
-            # The step that ends the epoch also ends its accumulation window, however partial.
-            flush_at = stop - 1 if epoch_over else -1
-            results, step_logs = train(piece, start, stop, flush_at)
-            logs = _to_floats(results, step_logs)
-            logs["batch"] = float(done - 1)
-            callbacks.on_train_batch_end(done - 1, logs)
-            if self.stop_training:
-                break
-        if done == 0:
-            raise DataError(f"data yielded no batches in epoch {epoch}.")
-        return {name: value for name, value in logs.items() if name not in ("step", "batch")}
+        tf.saved_model.save(self.model, path)
+        return path
+
+    # ------------------------------------------------------------------------- host-side loop
 
     def _evaluate(
         self, source: data_lib.DataSource, steps: int | None, callbacks: CallbackList
@@ -508,7 +495,8 @@ class Trainer:
         for piece, start, stop in _chunks(stream, source.steps_per_execution, steps):
             results, step_logs = loop(piece, start, stop)
             logs = _to_floats(results, step_logs)
-        logs.pop("step", None)
+        for internal in ("step", "_window", "non_finite_steps"):
+            logs.pop(internal, None)
         callbacks.on_eval_end(logs)
         return logs
 
@@ -611,17 +599,21 @@ class Trainer:
         if self.seed is not None and not getattr(self.model, "built", True):
             keras.utils.set_random_seed(self.seed)
 
-    def _reseed_dropout(self) -> None:
-        """Gives every Keras seed generator (Dropout, noise layers) a state derived from seed."""
-        if self.seed is None or not isinstance(self.model, keras.Model):
-            return
-        generators = [
-            generator
+    def _seed_generator_states(self) -> list[Any]:
+        """The state variables of every Keras seed generator in the model (Dropout, noise)."""
+        if not isinstance(self.model, keras.Model):
+            return []
+        return [
+            generator.state
             for layer in self.model._flatten_layers(include_self=True)
             for generator in getattr(layer, "_seed_generators", [])
         ]
-        for index, generator in enumerate(generators):
-            state = generator.state
+
+    def _reseed_dropout(self) -> None:
+        """Gives every Keras seed generator (Dropout, noise layers) a state derived from seed."""
+        if self.seed is None:
+            return
+        for index, state in enumerate(self._seed_generator_states()):
             state.assign(tf.constant([self.seed, index], dtype=state.dtype))
 
 
@@ -665,6 +657,16 @@ def _expected_input(model: Any) -> str:
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0][:400] if text else type(error).__name__
+
+
+def _resolve_checkpoint(checkpoint: Any) -> Checkpointer | None:
+    if checkpoint is None or isinstance(checkpoint, Checkpointer):
+        return checkpoint
+    if isinstance(checkpoint, (str, os.PathLike)):
+        return Checkpointer(checkpoint)
+    raise ConfigError(
+        f"checkpoint must be a directory path, a tfloop.Checkpointer or None, got {checkpoint!r}."
+    )
 
 
 def _resolve_optimizer(optimizer: Any) -> keras.optimizers.Optimizer:
@@ -798,8 +800,8 @@ def _validate_callbacks(callbacks: Iterable[Any]) -> list[Callback]:
     for callback in result:
         if isinstance(callback, keras.callbacks.Callback):
             raise ConfigError(
-                f"callbacks: {type(callback).__name__} is a Keras callback; tfloop callbacks "
-                "subclass tfloop.Callback."
+                f"callbacks: {type(callback).__name__} is a Keras callback; wrap Keras callbacks "
+                "in tfloop.callbacks.KerasCallbacks([...]), or subclass tfloop.Callback."
             )
         if not isinstance(callback, Callback):
             raise ConfigError(

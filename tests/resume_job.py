@@ -1,0 +1,94 @@
+"""A training job for the kill-and-resume tests: run it, kill it, run it again.
+
+    python resume_job.py DIRECTORY OUT.npz [--kill-after N] [--term-after N] [--data arrays|dataset]
+
+It trains a small Dropout MLP with Adam, accumulation and a checkpoint every few updates, and
+writes the final weights and optimizer variables to OUT.npz. ``--kill-after N`` SIGKILLs the
+process once N micro-batches have run (counted across restarts by the checkpointed progress);
+``--term-after N`` sends it SIGTERM instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_DETERMINISTIC_OPS", "1")
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import tfloop
+
+
+class KillAt(tfloop.Callback):
+    """Sends a signal once a number of micro-batches ran (at an execution boundary)."""
+
+    def __init__(self, after: int, signum: int) -> None:
+        self.after = after
+        self.signum = signum
+        self.seen = 0
+
+    def on_train_batch_end(self, batch, logs):
+        epoch_batches = self.trainer._steps_per_epoch
+        done = self.trainer._current_epoch * epoch_batches + batch + 1
+        if done >= self.after and self.after >= 0:
+            self.after = -1
+            os.kill(os.getpid(), self.signum)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("directory")
+    parser.add_argument("out")
+    parser.add_argument("--kill-after", type=int, default=-1)
+    parser.add_argument("--term-after", type=int, default=-1)
+    parser.add_argument("--data", default="arrays")
+    parser.add_argument("--every-n-steps", type=int, default=3)
+    args = parser.parse_args()
+
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(100, 6)).astype("float32")
+    y = keras.utils.to_categorical(rng.integers(0, 3, 100), 3).astype("float32")
+    model = keras.Sequential([
+        keras.Input((6,)),
+        keras.layers.Dense(16, activation="relu"),
+        keras.layers.Dropout(0.3),
+        keras.layers.Dense(3, activation="softmax"),
+    ])
+    callbacks = []
+    if args.kill_after >= 0:
+        callbacks.append(KillAt(args.kill_after, signal.SIGKILL))
+    if args.term_after >= 0:
+        callbacks.append(KillAt(args.term_after, signal.SIGTERM))
+    checkpointer = tfloop.Checkpointer(args.directory, every_n_steps=args.every_n_steps)
+    trainer = tfloop.Trainer(
+        model, "adam", "categorical_crossentropy", ["accuracy"], accumulate_steps=2,
+        steps_per_execution=4, callbacks=callbacks, checkpoint=checkpointer, seed=7,
+    )
+    if args.data == "arrays":
+        data = (x, y)
+        kwargs = {"batch_size": 8}
+    else:
+        data = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(40, seed=3).map(
+            lambda a, b: (a * 1.0, b)
+        ).batch(8)
+        kwargs = {}
+    trainer.fit(data, epochs=int(os.environ.get("EPOCHS", 3)), verbose=0, **kwargs)
+    if trainer.preempted:
+        sys.exit(143)
+    variables = {f"model_{i}": v.numpy() for i, v in enumerate(model.weights)}
+    variables.update(
+        {f"optimizer_{i}": v.numpy() for i, v in enumerate(trainer.optimizer.variables)}
+    )
+    variables["accuracy"] = trainer.compiled_metrics[0].result().numpy()
+    np.savez(args.out, **variables)
+
+
+if __name__ == "__main__":
+    main()
