@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import tensorflow as tf
+from google.protobuf import text_format
+from tensorflow.python.training.checkpoint_state_pb2 import CheckpointState
 
 from tfloop.errors import CheckpointError, ConfigError
 
@@ -182,14 +184,23 @@ class Checkpointer:
             return []
         if self.restore != "latest":
             return [str(self.restore)]
-        try:
-            state = tf.train.get_checkpoint_state(str(self.directory))
-        except Exception as error:  # a garbled text proto raises a protobuf ParseError
-            raise CheckpointError(
-                f"the checkpoint index {str(self.directory / 'checkpoint')!r} cannot be read "
-                f"({_first_line(error)}). Fix or delete that file (the ckpt-* files next to it "
-                "are intact), or pass restore=None to start fresh."
-            ) from error
+        index = self.directory / "checkpoint"
+        state = None
+        if index.exists():
+            # TF logs a garbled index and carries on as if there were no checkpoints: that would
+            # be a silent fresh start, so parse it here and stop instead.
+            try:
+                state = CheckpointState()
+                text_format.Parse(index.read_text(), state)
+            except (text_format.ParseError, UnicodeDecodeError, OSError) as error:
+                raise CheckpointError(
+                    f"the checkpoint index {str(index)!r} cannot be read ({_first_line(error)}). "
+                    "Fix or delete that file (the ckpt-* files next to it may be intact), or "
+                    "pass Checkpointer(restore=None) to start fresh."
+                ) from error
+        if state is None or not (state.model_checkpoint_path or state.all_model_checkpoint_paths):
+            return []
+        state = tf.train.get_checkpoint_state(str(self.directory))
         if state is None:
             return []
         # TF has already joined relative entries with the directory.
