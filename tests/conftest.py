@@ -46,7 +46,7 @@ def weights_of(model: keras.Model) -> list[np.ndarray]:
 
 def assert_weights_equal(a, b, rtol: float = 0.0, atol: float = 0.0) -> None:
     assert len(a) == len(b)
-    for left, right in zip(a, b):
+    for left, right in zip(a, b, strict=False):
         if rtol == 0 and atol == 0:
             np.testing.assert_array_equal(left, right)
         else:

@@ -55,12 +55,14 @@ def main() -> None:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(100, 6)).astype("float32")
     y = keras.utils.to_categorical(rng.integers(0, 3, 100), 3).astype("float32")
-    model = keras.Sequential([
-        keras.Input((6,)),
-        keras.layers.Dense(16, activation="relu"),
-        keras.layers.Dropout(0.3),
-        keras.layers.Dense(3, activation="softmax"),
-    ])
+    model = keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(16, activation="relu"),
+            keras.layers.Dropout(0.3),
+            keras.layers.Dense(3, activation="softmax"),
+        ]
+    )
     callbacks = []
     if args.kill_after >= 0:
         callbacks.append(KillAt(args.kill_after, signal.SIGKILL))
@@ -68,16 +70,26 @@ def main() -> None:
         callbacks.append(KillAt(args.term_after, signal.SIGTERM))
     checkpointer = tfloop.Checkpointer(args.directory, every_n_steps=args.every_n_steps)
     trainer = tfloop.Trainer(
-        model, "adam", "categorical_crossentropy", ["accuracy"], accumulate_steps=2,
-        steps_per_execution=4, callbacks=callbacks, checkpoint=checkpointer, seed=7,
+        model,
+        "adam",
+        "categorical_crossentropy",
+        ["accuracy"],
+        accumulate_steps=2,
+        steps_per_execution=4,
+        callbacks=callbacks,
+        checkpoint=checkpointer,
+        seed=7,
     )
     if args.data == "arrays":
         data = (x, y)
         kwargs = {"batch_size": 8}
     else:
-        data = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(40, seed=3).map(
-            lambda a, b: (a * 1.0, b)
-        ).batch(8)
+        data = (
+            tf.data.Dataset.from_tensor_slices((x, y))
+            .shuffle(40, seed=3)
+            .map(lambda a, b: (a * 1.0, b))
+            .batch(8)
+        )
         kwargs = {}
     trainer.fit(data, epochs=int(os.environ.get("EPOCHS", 3)), verbose=0, **kwargs)
     if trainer.preempted:

@@ -17,8 +17,12 @@ from tfloop.errors import ConfigError
 def fit(data, *, batch_size, accumulate, optimizer, clip=None, epochs=2, steps="auto", jit=False):
     model = make_model()
     trainer = tfloop.Trainer(
-        model, keras.optimizers.get(optimizer), "categorical_crossentropy",
-        accumulate_steps=accumulate, clip_global_norm=clip, steps_per_execution=steps,
+        model,
+        keras.optimizers.get(optimizer),
+        "categorical_crossentropy",
+        accumulate_steps=accumulate,
+        clip_global_norm=clip,
+        steps_per_execution=steps,
         jit_compile=jit,
     )
     trainer.fit(data, epochs=epochs, batch_size=batch_size, shuffle=False, verbose=0)
@@ -55,7 +59,7 @@ def test_unequal_micro_batches_are_weighted_by_their_size():
     x, y = make_data(17)
     sizes = [3, 7, 2, 5]  # one window of 4 micro-batches of unequal size
     starts = np.cumsum([0, *sizes[:-1]])
-    batches = [(x[s : s + m], y[s : s + m]) for s, m in zip(starts, sizes)]
+    batches = [(x[s : s + m], y[s : s + m]) for s, m in zip(starts, sizes, strict=False)]
     dataset = tf.data.Dataset.from_generator(
         lambda: iter(batches),
         output_signature=(tf.TensorSpec([None, 5]), tf.TensorSpec([None, 3])),
@@ -70,14 +74,16 @@ def test_learning_rate_schedules_count_updates_not_micro_batches():
     x, y = make_data(48)
     schedule = keras.optimizers.schedules.PiecewiseConstantDecay([1], [0.5, 0.0])
     model = make_model()
-    trainer = tfloop.Trainer(model, keras.optimizers.SGD(schedule), "categorical_crossentropy",
-                             accumulate_steps=4)
+    trainer = tfloop.Trainer(
+        model, keras.optimizers.SGD(schedule), "categorical_crossentropy", accumulate_steps=4
+    )
     trainer.fit((x, y), epochs=1, batch_size=4, shuffle=False, verbose=0)  # 12 micro, 3 updates
     assert int(trainer.optimizer.iterations) == 3
     # the reference: updates 0 and 1 use lr 0.5, update 2 uses lr 0 (a no-op)
     reference = make_model()
-    reference_trainer = tfloop.Trainer(reference, keras.optimizers.SGD(0.5),
-                                       "categorical_crossentropy")
+    reference_trainer = tfloop.Trainer(
+        reference, keras.optimizers.SGD(0.5), "categorical_crossentropy"
+    )
     reference_trainer.fit((x[:32], y[:32]), epochs=1, batch_size=16, shuffle=False, verbose=0)
     assert_weights_equal(weights_of(model), weights_of(reference), rtol=1e-5, atol=1e-7)
 
@@ -125,3 +131,24 @@ def test_bad_steps_are_rejected(steps):
 def test_no_variables_is_rejected():
     with pytest.raises(ConfigError, match="variables is empty"):
         tfloop.GradientAccumulator([], steps=2)
+
+
+def test_mixed_float16_with_loss_scaling_and_accumulation():
+    x, y = make_data(64)
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = make_model()
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    # a huge initial scale overflows float16: those windows are skipped, the scale shrinks
+    optimizer = keras.optimizers.LossScaleOptimizer(
+        keras.optimizers.Adam(0.01), initial_scale=2.0**24
+    )
+    trainer = tfloop.Trainer(model, optimizer, "categorical_crossentropy", accumulate_steps=2)
+    history = trainer.fit((x, y), epochs=6, batch_size=8, verbose=0)
+    windows = 6 * 4
+    assert 0 < int(optimizer.iterations) < windows  # overflowing windows did not count
+    assert float(optimizer.dynamic_scale) < 2.0**24
+    assert all(v.dtype == "float32" for v in model.trainable_variables)
+    assert all(np.isfinite(w).all() for w in weights_of(model))
+    assert history.history["loss"][-1] < history.history["loss"][0]

@@ -38,8 +38,12 @@ from tfloop.errors import ConfigError, NonFiniteError
 def trainer_for(*callbacks, optimizer="sgd", metrics=("accuracy",), **options):
     options.setdefault("jit_compile", False)
     return tfloop.Trainer(
-        make_model(), optimizer, "categorical_crossentropy", list(metrics),
-        callbacks=list(callbacks), **options,
+        make_model(),
+        optimizer,
+        "categorical_crossentropy",
+        list(metrics),
+        callbacks=list(callbacks),
+        **options,
     )
 
 
@@ -117,11 +121,14 @@ def test_fit_events_come_in_order_once_per_execution(validation, k, accumulate):
     events = []
     x, y = make_data(40)  # 5 batches of 8
     trainer = trainer_for(
-        Recorder("a", events), Recorder("b", events), steps_per_execution=k,
+        Recorder("a", events),
+        Recorder("b", events),
+        steps_per_execution=k,
         accumulate_steps=accumulate,
     )
-    trainer.fit((x, y), epochs=2, batch_size=8, validation_data=(x, y) if validation else None,
-                verbose=0)
+    trainer.fit(
+        (x, y), epochs=2, batch_size=8, validation_data=(x, y) if validation else None, verbose=0
+    )
     expected = expected_fit_events(2, 5, k, accumulate, validation)
     # every event reaches the callbacks in list order: a, then b
     assert events == [f"{name}:{event}" for event in expected for name in "ab"]
@@ -134,7 +141,10 @@ def test_evaluate_and_predict_events_come_in_order():
     trainer.evaluate((x, y), batch_size=4)
     trainer.predict(x, batch_size=4)
     assert events == [
-        "a:eval_start", "a:eval_end accuracy,loss", "a:predict_start", "a:predict_end",
+        "a:eval_start",
+        "a:eval_end accuracy,loss",
+        "a:predict_start",
+        "a:predict_end",
     ]
 
 
@@ -171,8 +181,14 @@ values = st.lists(st.integers(0, 6).map(float), min_size=1, max_size=10)
 def test_early_stopping_stops_where_keras_early_stopping_stops(
     sequence, patience, min_delta, mode, baseline, start_from_epoch
 ):
-    arguments = dict(monitor="score", min_delta=min_delta, patience=patience, mode=mode,
-                     baseline=baseline, start_from_epoch=start_from_epoch)
+    arguments = dict(
+        monitor="score",
+        min_delta=min_delta,
+        patience=patience,
+        mode=mode,
+        baseline=baseline,
+        start_from_epoch=start_from_epoch,
+    )
     ours = EarlyStopping(**arguments)
     ours.trainer = fake_trainer()
     ours.on_fit_start({})
@@ -255,9 +271,13 @@ def test_best_weights_after_a_resume_come_from_epochs_after_it(caplog):
     assert "came before the run was resumed" in caplog.text
 
 
-@pytest.mark.parametrize("make", [
-    lambda: EarlyStopping("los"), lambda: ReduceLROnPlateau("los"),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: EarlyStopping("los"),
+        lambda: ReduceLROnPlateau("los"),
+    ],
+)
 def test_an_unknown_monitor_key_names_the_keys_the_logs_have(make):
     trainer = trainer_for(make())
     with pytest.raises(ConfigError, match="monitor='los'") as error:
@@ -278,16 +298,23 @@ def test_a_validation_monitor_skips_epochs_without_validation():
     stopper = EarlyStopping("val_loss", patience=0, min_delta=10.0)
     trainer = trainer_for(stopper)
     x, y = make_data(16)
-    history = trainer.fit((x, y), epochs=6, batch_size=8, validation_data=(x, y),
-                          validation_freq=2, verbose=0)
+    history = trainer.fit(
+        (x, y), epochs=6, batch_size=8, validation_data=(x, y), validation_freq=2, verbose=0
+    )
     # validation at epochs 1 and 3; no improvement of 10 at epoch 3 stops there
     assert history.epoch == [0, 1, 2, 3] and stopper.stopped_epoch == 3
 
 
-@pytest.mark.parametrize("bad", [
-    dict(patience=-1), dict(min_delta=-0.1), dict(mode="minimum"), dict(monitor=""),
-    dict(start_from_epoch=1.5),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(patience=-1),
+        dict(min_delta=-0.1),
+        dict(mode="minimum"),
+        dict(monitor=""),
+        dict(start_from_epoch=1.5),
+    ],
+)
 def test_early_stopping_rejects_bad_arguments_by_name(bad):
     name = next(iter(bad))
     with pytest.raises(ConfigError, match=name):
@@ -322,8 +349,15 @@ def test_auto_mode_follows_the_metric_direction_or_asks():
 def test_reduce_lr_on_plateau_matches_keras(
     sequence, patience, cooldown, factor, min_lr, min_delta, mode
 ):
-    arguments = dict(monitor="score", factor=factor, patience=patience, mode=mode,
-                     min_delta=min_delta, cooldown=cooldown, min_lr=min_lr)
+    arguments = dict(
+        monitor="score",
+        factor=factor,
+        patience=patience,
+        mode=mode,
+        min_delta=min_delta,
+        cooldown=cooldown,
+        min_lr=min_lr,
+    )
     ours = ReduceLROnPlateau(**arguments)
     ours.trainer = fake_trainer()
     ours.on_fit_start({})
@@ -343,14 +377,15 @@ def test_reduce_lr_on_plateau_matches_keras(
 
 def test_reduce_lr_on_plateau_lowers_the_trainers_learning_rate():
     reduce = ReduceLROnPlateau("score", factor=0.5, patience=1, mode="min")
-    trainer = trainer_for(Inject("score", [1.0] * 4), reduce,
-                          optimizer=keras.optimizers.SGD(0.8))
+    trainer = trainer_for(Inject("score", [1.0] * 4), reduce, optimizer=keras.optimizers.SGD(0.8))
     history = trainer.fit(make_data(16), epochs=4, batch_size=8, verbose=0)
     # each epoch logs the rate it ran with; reductions after epochs 1, 2 and 3
     assert history.history["learning_rate"] == pytest.approx([0.8, 0.8, 0.4, 0.2])
     assert float(trainer.optimizer.learning_rate) == pytest.approx(0.1)
     assert json.loads(json.dumps(reduce.state_dict())) == {
-        "best": 1.0, "wait": 0, "cooldown_counter": 0,
+        "best": 1.0,
+        "wait": 0,
+        "cooldown_counter": 0,
     }
 
 
@@ -404,8 +439,9 @@ def test_a_keras_schedule_steps_with_updates_not_micro_batches(install):
         schedule = keras.optimizers.schedules.PiecewiseConstantDecay([2], [0.5, 0.0])
         optimizer = keras.optimizers.SGD(schedule if install == "optimizer" else 0.5)
         callbacks = [] if install == "optimizer" else [LearningRateScheduler(schedule)]
-        trainer = trainer_for(*callbacks, optimizer=optimizer, accumulate_steps=accumulate,
-                              steps_per_execution=8)
+        trainer = trainer_for(
+            *callbacks, optimizer=optimizer, accumulate_steps=accumulate, steps_per_execution=8
+        )
         trainer.fit((x, y), epochs=1, batch_size=batch_size, shuffle=False, verbose=0)
         return weights_of(trainer.model)
 
@@ -427,8 +463,9 @@ def test_csv_logger_writes_a_row_per_epoch_and_grows_columns(tmp_path):
     path = tmp_path / "logs" / "run.csv"
     trainer = trainer_for(CSVLogger(path))
     x, y = make_data(16)
-    history = trainer.fit((x, y), epochs=4, batch_size=8, validation_data=(x, y),
-                          validation_freq=2, verbose=0)
+    history = trainer.fit(
+        (x, y), epochs=4, batch_size=8, validation_data=(x, y), validation_freq=2, verbose=0
+    )
     rows = read_csv(path)
     assert list(rows[0]) == ["epoch", "accuracy", "loss", "val_accuracy", "val_loss"]
     assert [row["epoch"] for row in rows] == ["0", "1", "2", "3"]
@@ -451,7 +488,9 @@ def test_csv_logger_resumes_without_duplicate_rows(tmp_path):
     resumed.on_epoch_end(2, {"loss": 0.25})
     resumed.on_fit_end({})
     assert [(r["epoch"], r["loss"]) for r in read_csv(path)] == [
-        ("0", "1.0"), ("1", "0.5"), ("2", "0.25"),
+        ("0", "1.0"),
+        ("1", "0.5"),
+        ("2", "0.25"),
     ]
 
 
@@ -482,7 +521,9 @@ def test_jsonl_logger_writes_epoch_and_step_records(tmp_path):
     written_after=st.integers(0, 3),
     partial=st.sampled_from(["", '{"event": "ep', "\n"]),
 )
-def test_a_resumed_jsonl_log_has_each_epoch_once(tmp_path, checkpoint_after, written_after, partial):
+def test_a_resumed_jsonl_log_has_each_epoch_once(
+    tmp_path, checkpoint_after, written_after, partial
+):
     path = tmp_path / f"run-{checkpoint_after}-{written_after}-{len(partial)}.jsonl"
     first = JSONLLogger(path)
     state = first.state_dict()
@@ -582,8 +623,14 @@ def nan_data(bad_batches, n=40, batch_size=4):
 
 @pytest.mark.parametrize("k", [1, 3])
 def test_non_finite_guard_raise_names_the_step_and_the_loss(k):
-    trainer = NaNTrainer(make_model(), "sgd", "categorical_crossentropy", steps_per_execution=k,
-                         jit_compile=False, callbacks=[NonFiniteGuard("raise")])
+    trainer = NaNTrainer(
+        make_model(),
+        "sgd",
+        "categorical_crossentropy",
+        steps_per_execution=k,
+        jit_compile=False,
+        callbacks=[NonFiniteGuard("raise")],
+    )
     with pytest.raises(NonFiniteError, match="non-finite loss at step 1") as error:
         trainer.fit(nan_data([1, 6]), batch_size=4, shuffle=False, verbose=0)
     assert (error.value.step, error.value.tensor) == (1, "loss")
@@ -594,8 +641,12 @@ def test_non_finite_guard_raise_names_the_step_and_the_loss(k):
 
 def test_non_finite_guard_raise_names_the_gradient():
     trainer = NaNGradientTrainer(
-        make_model(), "sgd", "categorical_crossentropy", steps_per_execution=4,
-        jit_compile=False, callbacks=[NonFiniteGuard("raise")],
+        make_model(),
+        "sgd",
+        "categorical_crossentropy",
+        steps_per_execution=4,
+        jit_compile=False,
+        callbacks=[NonFiniteGuard("raise")],
     )
     with pytest.raises(NonFiniteError) as error:
         trainer.fit(nan_data([5]), batch_size=4, shuffle=False, verbose=0)
@@ -607,8 +658,14 @@ def test_non_finite_guard_raise_names_the_gradient():
 @pytest.mark.parametrize("k", [1, 4])
 def test_non_finite_guard_skip_drops_exactly_the_bad_updates(k, caplog):
     x, y = nan_data([2, 6])
-    trainer = NaNTrainer(make_model(), "sgd", "categorical_crossentropy", steps_per_execution=k,
-                         jit_compile=False, callbacks=[guard := NonFiniteGuard("skip")])
+    trainer = NaNTrainer(
+        make_model(),
+        "sgd",
+        "categorical_crossentropy",
+        steps_per_execution=k,
+        jit_compile=False,
+        callbacks=[guard := NonFiniteGuard("skip")],
+    )
     history = trainer.fit((x, y), batch_size=4, shuffle=False, verbose=0)
     assert guard.skipped == 2 and history.history["non_finite_steps"] == [2.0]
     assert int(trainer.optimizer.iterations) == 8
@@ -622,8 +679,14 @@ def test_non_finite_guard_skip_drops_exactly_the_bad_updates(k, caplog):
 
 
 def test_non_finite_guard_ignore_checks_nothing():
-    trainer = NaNTrainer(make_model(), "sgd", "categorical_crossentropy", steps_per_execution=3,
-                         jit_compile=False, callbacks=[NonFiniteGuard("ignore")])
+    trainer = NaNTrainer(
+        make_model(),
+        "sgd",
+        "categorical_crossentropy",
+        steps_per_execution=3,
+        jit_compile=False,
+        callbacks=[NonFiniteGuard("ignore")],
+    )
     history = trainer.fit(nan_data([2]), batch_size=4, shuffle=False, verbose=0)
     # a NaN chosen by tf.where has a zero gradient, so the weights stay finite; the mean loss
     # is NaN, and nothing is counted
@@ -634,17 +697,26 @@ def test_non_finite_guard_ignore_checks_nothing():
 
 def test_terminate_on_nan_stops_at_the_execution_and_keeps_weights_finite(caplog):
     terminate = TerminateOnNaN()
-    trainer = NaNGradientTrainer(make_model(), "sgd", "categorical_crossentropy",
-                                 steps_per_execution=2, jit_compile=False, callbacks=[terminate])
+    trainer = NaNGradientTrainer(
+        make_model(),
+        "sgd",
+        "categorical_crossentropy",
+        steps_per_execution=2,
+        jit_compile=False,
+        callbacks=[terminate],
+    )
     history = trainer.fit(nan_data([2]), epochs=3, batch_size=4, shuffle=False, verbose=0)
     assert int(trainer.optimizer.iterations) == 3 and len(history.epoch) == 1
     assert all(np.isfinite(w).all() for w in weights_of(trainer.model))
     assert "terminating training" in caplog.text
     with pytest.raises(NonFiniteError):
-        NaNTrainer(make_model(), "sgd", "categorical_crossentropy", jit_compile=False,
-                   callbacks=[TerminateOnNaN(raise_error=True)]).fit(
-            nan_data([1]), batch_size=4, shuffle=False, verbose=0
-        )
+        NaNTrainer(
+            make_model(),
+            "sgd",
+            "categorical_crossentropy",
+            jit_compile=False,
+            callbacks=[TerminateOnNaN(raise_error=True)],
+        ).fit(nan_data([1]), batch_size=4, shuffle=False, verbose=0)
 
 
 def test_non_finite_policies_are_checked():
@@ -693,26 +765,46 @@ def test_keras_callbacks_run_unchanged(tmp_path):
         keras.callbacks.ReduceLROnPlateau("val_accuracy", factor=0.5, patience=0, min_delta=1.0),
         keras.callbacks.EarlyStopping("val_loss", patience=1, min_delta=10.0),
     ]
-    trainer = trainer_for(KerasCallbacks(keras_callbacks), steps_per_execution=3,
-                          optimizer=keras.optimizers.SGD(0.4))
+    trainer = trainer_for(
+        KerasCallbacks(keras_callbacks), steps_per_execution=3, optimizer=keras.optimizers.SGD(0.4)
+    )
     history = trainer.fit((x, y), epochs=5, batch_size=8, validation_data=(x, y), verbose=0)
     assert history.epoch == [0, 1]  # EarlyStopping: no improvement of 10 in epoch 1
-    assert events == ["train_begin", "epoch_begin 0", "batch 2", "batch 3", "epoch_end 0",
-                      "epoch_begin 1", "batch 2", "batch 3", "epoch_end 1", "train_end"]
+    assert events == [
+        "train_begin",
+        "epoch_begin 0",
+        "batch 2",
+        "batch 3",
+        "epoch_end 0",
+        "epoch_begin 1",
+        "batch 2",
+        "batch 3",
+        "epoch_end 1",
+        "train_end",
+    ]
     rows = read_csv(tmp_path / "keras.csv")
     assert [float(row["loss"]) for row in rows] == pytest.approx(history.history["loss"])
     assert float(trainer.optimizer.learning_rate) == pytest.approx(0.2)  # halved after epoch 1
 
 
-@pytest.mark.parametrize("name", [
-    "LearningRateScheduler", "ModelCheckpoint", "History", "ProgbarLogger", "SwapEMAWeights",
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "LearningRateScheduler",
+        "ModelCheckpoint",
+        "History",
+        "ProgbarLogger",
+        "SwapEMAWeights",
+    ],
+)
 def test_more_keras_callbacks_run_through_the_adapter(name, tmp_path, capsys):
     make = {
         "LearningRateScheduler": lambda: keras.callbacks.LearningRateScheduler(
-            lambda epoch, lr: 0.5 ** epoch),
+            lambda epoch, lr: 0.5**epoch
+        ),
         "ModelCheckpoint": lambda: keras.callbacks.ModelCheckpoint(
-            str(tmp_path / "model-{epoch}.weights.h5"), save_weights_only=True),
+            str(tmp_path / "model-{epoch}.weights.h5"), save_weights_only=True
+        ),
         "History": keras.callbacks.History,
         "ProgbarLogger": keras.callbacks.ProgbarLogger,
         "SwapEMAWeights": lambda: keras.callbacks.SwapEMAWeights(swap_on_epoch=True),
@@ -725,7 +817,9 @@ def test_more_keras_callbacks_run_through_the_adapter(name, tmp_path, capsys):
         assert float(trainer.optimizer.learning_rate) == 0.5
     if name == "ModelCheckpoint":
         assert sorted(p.name for p in tmp_path.iterdir()) == [
-            "model-1.weights.h5", "model-2.weights.h5"]
+            "model-1.weights.h5",
+            "model-2.weights.h5",
+        ]
     if name == "History":
         assert callback.epoch == [0, 1] and len(callback.history["loss"]) == 2
     if name == "ProgbarLogger":
@@ -737,8 +831,14 @@ def test_keras_early_stopping_matches_ours_on_the_same_run():
 
     def run(callback):
         trainer = trainer_for(callback, optimizer=keras.optimizers.SGD(0.3))
-        history = trainer.fit((x, y), epochs=8, batch_size=8, validation_data=(x[:16], y[:16]),
-                              shuffle=False, verbose=0)
+        history = trainer.fit(
+            (x, y),
+            epochs=8,
+            batch_size=8,
+            validation_data=(x[:16], y[:16]),
+            shuffle=False,
+            verbose=0,
+        )
         return history.epoch, weights_of(trainer.model)
 
     arguments = dict(monitor="val_loss", patience=1, min_delta=0.01, restore_best_weights=True)
@@ -749,9 +849,14 @@ def test_keras_early_stopping_matches_ours_on_the_same_run():
 
 
 def test_keras_terminate_on_nan_stops_training():
-    trainer = NaNTrainer(make_model(), "sgd", "categorical_crossentropy", steps_per_execution=2,
-                         jit_compile=False,
-                         callbacks=[KerasCallbacks([keras.callbacks.TerminateOnNaN()])])
+    trainer = NaNTrainer(
+        make_model(),
+        "sgd",
+        "categorical_crossentropy",
+        steps_per_execution=2,
+        jit_compile=False,
+        callbacks=[KerasCallbacks([keras.callbacks.TerminateOnNaN()])],
+    )
     history = trainer.fit(nan_data([2]), epochs=3, batch_size=4, shuffle=False, verbose=0)
     assert int(trainer.optimizer.iterations) == 4 and len(history.epoch) == 1
 
@@ -759,8 +864,9 @@ def test_keras_terminate_on_nan_stops_training():
 def test_keras_callback_counters_resume_after_on_train_begin():
     stopper = keras.callbacks.EarlyStopping("loss", patience=3)
     adapter = KerasCallbacks([stopper])
-    adapter.load_state_dict({"callbacks": [{"wait": 2, "stopped_epoch": 0, "best": 0.5,
-                                            "best_epoch": 1}]})
+    adapter.load_state_dict(
+        {"callbacks": [{"wait": 2, "stopped_epoch": 0, "best": 0.5, "best_epoch": 1}]}
+    )
     trainer = trainer_for(adapter)
     trainer.fit(make_data(8), epochs=1, batch_size=8, verbose=0)
     # the restored counters survived on_train_begin's reset; epoch 0 did not beat 0.5
@@ -815,8 +921,9 @@ def test_history_plot_and_the_plot_command_write_pngs(tmp_path, capsys):
     x, y = make_data(16)
     log = tmp_path / "run.jsonl"
     trainer = trainer_for(JSONLLogger(log))
-    history = trainer.fit((x, y), epochs=3, batch_size=8, validation_data=(x, y),
-                          validation_freq=2, verbose=0)
+    history = trainer.fit(
+        (x, y), epochs=3, batch_size=8, validation_data=(x, y), validation_freq=2, verbose=0
+    )
     png = history.plot(tmp_path / "history.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert tfloop.History.from_jsonl(log).history == history.history
@@ -856,8 +963,14 @@ def test_a_killed_and_resumed_run_logs_and_stops_like_a_straight_one(tmp_path):
         ]
         # saves at updates 4, 8, 12, ...: the kill after epoch 2 (update 15) loses 3 updates
         checkpoint = tfloop.Checkpointer(directory / "ckpt", every_n_steps=4, every_epoch=False)
-        trainer = trainer_for(*callbacks, optimizer=keras.optimizers.SGD(0.05), metrics=(),
-                              steps_per_execution=2, checkpoint=checkpoint, seed=0)
+        trainer = trainer_for(
+            *callbacks,
+            optimizer=keras.optimizers.SGD(0.05),
+            metrics=(),
+            steps_per_execution=2,
+            checkpoint=checkpoint,
+            seed=0,
+        )
         trainer.fit((x, y), epochs=12, batch_size=8, verbose=0)
         return callbacks[2]
 
@@ -869,8 +982,9 @@ def test_a_killed_and_resumed_run_logs_and_stops_like_a_straight_one(tmp_path):
     assert 2 < resumed.stopped_epoch == straight.stopped_epoch < 11  # stopped early, after the kill
 
     def records(directory):
-        return [{k: v for k, v in r.items() if k != "time"}
-                for r in read_jsonl(directory / "run.jsonl")]
+        return [
+            {k: v for k, v in r.items() if k != "time"} for r in read_jsonl(directory / "run.jsonl")
+        ]
 
     assert records(tmp_path / "resumed") == records(tmp_path / "straight")
     assert read_csv(tmp_path / "resumed" / "run.csv") == read_csv(tmp_path / "straight" / "run.csv")

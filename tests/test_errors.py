@@ -111,15 +111,19 @@ def test_empty_and_infinite_datasets_are_rejected():
 
 def test_batch_size_with_a_dataset_is_rejected():
     dataset = tf.data.Dataset.from_tensor_slices(make_data(10)).batch(4)
-    with pytest.raises(ConfigError, match="batch_size=4 was given with a tf.data.Dataset"):
+    with pytest.raises(ConfigError, match=r"batch_size=4 was given with a tf\.data\.Dataset"):
         trainer().fit(dataset, batch_size=4, verbose=0)
 
 
 @pytest.mark.parametrize(
     ("kwargs", "name"),
-    [({"epochs": 0}, "epochs"), ({"steps_per_epoch": 0}, "steps_per_epoch"),
-     ({"validation_freq": 0}, "validation_freq"), ({"batch_size": 0}, "batch_size"),
-     ({"steps_per_epoch": 100}, "steps_per_epoch")],
+    [
+        ({"epochs": 0}, "epochs"),
+        ({"steps_per_epoch": 0}, "steps_per_epoch"),
+        ({"validation_freq": 0}, "validation_freq"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"steps_per_epoch": 100}, "steps_per_epoch"),
+    ],
 )
 def test_bad_fit_arguments_are_named(kwargs, name):
     with pytest.raises(ConfigError, match=name):

@@ -23,7 +23,7 @@ def reference_training(model, optimizer, x, y, batch_size, sample_weight=None, e
         with tf.GradientTape() as tape:
             loss = loss_fn(yb, model(xb, training=True), sample_weight=wb)
         grads = tape.gradient(loss, model.trainable_variables)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=False))
 
     for _ in range(epochs):
         for start in range(0, len(x), batch_size):
@@ -48,8 +48,13 @@ def test_fit_equals_a_hand_written_gradient_tape_loop(n, batch_size, optimizer, 
     )
     reference = make_model()
     reference_training(
-        reference, keras.optimizers.get(optimizer), x, y, batch_size,
-        sample_weight if weighted else None, epochs=2,
+        reference,
+        keras.optimizers.get(optimizer),
+        x,
+        y,
+        batch_size,
+        sample_weight if weighted else None,
+        epochs=2,
     )
     assert_weights_equal(weights_of(model), weights_of(reference), rtol=1e-5, atol=1e-6)
 
@@ -105,7 +110,11 @@ def test_an_overridden_train_step_keeps_the_fused_loop_and_adds_its_logs(jit):
             seen.append((batch, dict(logs)))
 
     trainer = TwoLossTrainer(
-        make_model(), "sgd", "categorical_crossentropy", steps_per_execution=4, jit_compile=jit,
+        make_model(),
+        "sgd",
+        "categorical_crossentropy",
+        steps_per_execution=4,
+        jit_compile=jit,
         callbacks=[Record()],
     )
     history = trainer.fit((x, y), epochs=2, batch_size=8, verbose=0)
@@ -143,7 +152,11 @@ def test_events_come_in_order_and_history_matches_epoch_logs():
             events.append("fit_end")
 
     trainer = tfloop.Trainer(
-        make_model(), "adam", "categorical_crossentropy", ["accuracy"], steps_per_execution=3,
+        make_model(),
+        "adam",
+        "categorical_crossentropy",
+        ["accuracy"],
+        steps_per_execution=3,
         callbacks=[Record()],
     )
     history = trainer.fit(
@@ -153,9 +166,20 @@ def test_events_come_in_order_and_history_matches_epoch_logs():
     val_keys = sorted([*keys, "val_accuracy", "val_loss"])
     assert events == [
         "fit_start",
-        "epoch_start 0", "batch 2", "batch 3", f"epoch_end 0 {keys}",
-        "epoch_start 1", "batch 2", "batch 3", "eval_start", "eval_end", f"epoch_end 1 {val_keys}",
-        "epoch_start 2", "batch 2", "batch 3", f"epoch_end 2 {keys}",
+        "epoch_start 0",
+        "batch 2",
+        "batch 3",
+        f"epoch_end 0 {keys}",
+        "epoch_start 1",
+        "batch 2",
+        "batch 3",
+        "eval_start",
+        "eval_end",
+        f"epoch_end 1 {val_keys}",
+        "epoch_start 2",
+        "batch 2",
+        "batch 3",
+        f"epoch_end 2 {keys}",
         "fit_end",
     ]
     assert len(history.history["loss"]) == 3 and len(history.history["val_loss"]) == 1
@@ -168,7 +192,10 @@ def test_stop_training_from_a_callback_stops_at_the_execution_boundary():
             self.trainer.stop_training = True
 
     trainer = tfloop.Trainer(
-        make_model(), "sgd", "categorical_crossentropy", steps_per_execution=2,
+        make_model(),
+        "sgd",
+        "categorical_crossentropy",
+        steps_per_execution=2,
         callbacks=[StopAfterFirstExecution()],
     )
     history = trainer.fit(make_data(40), epochs=5, batch_size=4, verbose=0)
@@ -179,8 +206,13 @@ def test_stop_training_from_a_callback_stops_at_the_execution_boundary():
 def test_epoch_logs_are_exact_means_over_the_epoch():
     x, y = make_data(50)
     model = make_model()
-    trainer = tfloop.Trainer(model, keras.optimizers.SGD(0.0), "categorical_crossentropy",
-                             ["accuracy"], steps_per_execution=4)
+    trainer = tfloop.Trainer(
+        model,
+        keras.optimizers.SGD(0.0),
+        "categorical_crossentropy",
+        ["accuracy"],
+        steps_per_execution=4,
+    )
     history = trainer.fit((x, y), epochs=1, batch_size=8, verbose=0)
     # with a zero learning rate the weights never move, so the epoch mean is the full-data mean
     expected = keras.losses.CategoricalCrossentropy()(y, model(x)).numpy()
@@ -198,8 +230,9 @@ def test_steps_per_epoch_runs_one_iterator_across_epochs():
             seen.append(int(self.trainer.optimizer.iterations))
 
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(10).repeat()
-    trainer = tfloop.Trainer(make_model(), "sgd", "categorical_crossentropy",
-                             steps_per_execution=4, callbacks=[Record()])
+    trainer = tfloop.Trainer(
+        make_model(), "sgd", "categorical_crossentropy", steps_per_execution=4, callbacks=[Record()]
+    )
     trainer.fit(dataset, epochs=3, steps_per_epoch=6, verbose=0)
     assert seen == [6, 12, 18]
 
@@ -261,7 +294,9 @@ def test_jit_auto_falls_back_when_xla_cannot_compile(caplog):
 
 def test_predict_returns_nested_outputs_of_a_multi_output_model():
     inputs = keras.Input((5,))
-    model = keras.Model(inputs, {"a": keras.layers.Dense(2)(inputs), "b": keras.layers.Dense(1)(inputs)})
+    model = keras.Model(
+        inputs, {"a": keras.layers.Dense(2)(inputs), "b": keras.layers.Dense(1)(inputs)}
+    )
     x, _ = make_data(23)
     out = tfloop.Trainer(model, steps_per_execution=2).predict(x, batch_size=4)
     assert out["a"].shape == (23, 2) and out["b"].shape == (23, 1)

@@ -188,7 +188,10 @@ class Trainer:
         """
         with tf.GradientTape() as tape:
             loss = self.compute_loss(batch, training=True)
-        gradients = tape.gradient(loss, self.trainable_variables)
+            # Mixed precision: a LossScaleOptimizer scales the loss here and unscales the
+            # (accumulated) gradient when it applies it, skipping the update on overflow.
+            scaled_loss = self.optimizer.scale_loss(loss)
+        gradients = tape.gradient(scaled_loss, self.trainable_variables)
         examples = data_lib.batch_size_of(batch)
         self.apply_gradients(gradients, weight=examples, loss=loss)
         if self.non_finite != "ignore":
