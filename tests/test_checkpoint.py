@@ -213,3 +213,32 @@ def test_export_is_usable_without_tfloop(tmp_path, suffix):
         loaded = tf.saved_model.load(path)  # keep it alive: it owns the variables
         reloaded = loaded.serve(tf.constant(x)).numpy()
     np.testing.assert_allclose(reloaded, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_without_the_iterator_state_a_deterministic_dataset_resumes_by_count(tmp_path):
+    x, y = make_data(56)
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+
+    class Crash(RuntimeError):
+        pass
+
+    class CrashAt(tfloop.Callback):
+        def on_train_batch_end(self, batch, logs):
+            if logs["step"] >= 10:
+                raise Crash
+
+    def run(directory, callbacks=()):
+        model = make_model()
+        checkpointer = tfloop.Checkpointer(directory, every_n_steps=4, save_iterator=False)
+        trainer = tfloop.Trainer(model, "adam", "categorical_crossentropy", seed=0,
+                                 steps_per_execution=3, callbacks=list(callbacks),
+                                 checkpoint=checkpointer)
+        trainer.fit(dataset, epochs=3, verbose=0)
+        return trainer
+
+    straight = run(tmp_path / "straight")
+    with pytest.raises(Crash):
+        run(tmp_path / "resumed", [CrashAt()])  # last save: update 8, mid-epoch 1
+    resumed = run(tmp_path / "resumed")
+    assert int(resumed.optimizer.iterations) == 21
+    assert_weights_equal(weights_of(straight.model), weights_of(resumed.model))
