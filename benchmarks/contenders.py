@@ -288,6 +288,20 @@ def tfloop_default(setup: Setup, config: Config) -> EpochFn:
     return _tfloop_on_arrays(setup, config, setup.workload.accumulate_steps)
 
 
+def tfloop_checkpoint(setup: Setup, config: Config) -> EpochFn:
+    """tfloop-default with a checkpoint every 100 updates (the checkpoint-overhead figure)."""
+    import tempfile
+
+    import tfloop
+
+    directory = tempfile.mkdtemp(prefix="tfloop-bench-")
+    # restore=None: each timed epoch is a fresh fit call and must not resume from the last one.
+    checkpointer = tfloop.Checkpointer(
+        directory, every_n_steps=100, every_epoch=False, restore=None
+    )
+    return _tfloop_on_arrays(setup, {**config, "checkpoint": checkpointer}, accumulate_steps=1)
+
+
 def tfloop_noaccum(setup: Setup, config: Config) -> EpochFn:
     """tfloop-default without gradient accumulation (the mlp-accum baseline)."""
     return _tfloop_on_arrays(setup, config, accumulate_steps=1)
@@ -368,6 +382,7 @@ CONTENDERS: dict[str, Contender] = {
         Contender("hand-loop-K256", hand_loop, ({"K": 256},)),
         Contender("tfloop-default", tfloop_default),
         Contender("tfloop-noaccum", tfloop_noaccum),
+        Contender("tfloop-ckpt100", tfloop_checkpoint),
         Contender("tfloop-default-ds", tfloop_default_ds),
         Contender("tfloop-best", tfloop_default, TFLOOP_SEARCH),
         Contender(PEAK, matmul_peak, flops_per_sample=_peak_flops_per_sample),

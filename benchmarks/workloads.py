@@ -201,6 +201,7 @@ WORKLOADS: dict[str, Workload] = {
                 "hand-loop-K256",
                 "tfloop-default",
                 "tfloop-default-ds",
+                "tfloop-ckpt100",
                 "tfloop-best",
             ),
             ratios=(
@@ -211,6 +212,7 @@ WORKLOADS: dict[str, Workload] = {
                 Ratio("tfloop-default", PEAK, 0.75),
                 Ratio("hand-loop", "keras-tuned"),
                 Ratio("hand-loop", PEAK),
+                Ratio("tfloop-ckpt100", "tfloop-default", 0.95),
                 Ratio("tfloop-default", "keras-tuned", 1.1, kind="warmup", at_most=True),
                 Ratio("tfloop-default", "keras-default", 1.05, kind="rss", at_most=True),
             ),

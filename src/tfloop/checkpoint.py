@@ -149,6 +149,8 @@ class Checkpointer:
 
     def _attach(self, trainer: Trainer) -> None:
         """Binds the trainer's state; called by the Trainer once it is built."""
+        if self._trainer is trainer and self._checkpoint is not None:
+            return  # a later fit call of the same trainer: same objects, same checkpoint
         self._trainer = trainer
         self._metadata = tf.Variable("", dtype=tf.string, trainable=False, name="metadata")
         self._leftover = tf.Variable(
