@@ -376,7 +376,8 @@ class _ArraySource(DataSource):
             steps.append(1)
         if dataset is None:
             return
-        for data, count in zip(dataset.prefetch(2), steps):
+        dataset = dataset.prefetch(2).with_options(_array_pipeline_options())
+        for data, count in zip(dataset, steps):
             yield Piece(data, count)
 
     def _gather(self, index_rows: tf.Tensor, leading: list[int]) -> tf.data.Dataset:
@@ -387,9 +388,24 @@ class _ArraySource(DataSource):
             )
 
         indices = tf.data.Dataset.from_tensor_slices(index_rows)
-        return tf.data.Dataset.zip((indices, self._arrays_dataset)).map(
-            gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
-        )
+        # One gather per superbatch takes a few percent of the time its K steps take, so a
+        # sequential map, run ahead by the prefetch, keeps up; parallel calls only compete with
+        # the training steps for the cores.
+        return tf.data.Dataset.zip((indices, self._arrays_dataset)).map(gather)
+
+
+def _array_pipeline_options() -> tf.data.Options:
+    """Options for the pipeline tfloop builds over in-memory arrays (made once per epoch).
+
+    The pipeline is already what tf.data's static rewrites and autotuning would make of it,
+    and both cost time on every epoch: the rewrites serialize the dataset graph, copying the
+    whole arrays (tens of ms per 100 MB), and an autotuned iterator could stall for about
+    half a second when it is destroyed at the end of the epoch.
+    """
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    options.experimental_optimization.apply_default_optimizations = False
+    return options
 
 
 # ----------------------------------------------------------------------------- tf.data input
