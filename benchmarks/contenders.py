@@ -347,9 +347,13 @@ def matmul_peak(setup: Setup, config: Config) -> EpochFn:
     num_matmuls = tf.constant(len(setup.x) // m * _peak_passes(workload))
 
     def matmuls(count: tf.Tensor) -> tf.Tensor:
-        total = tf.zeros((m, n))
-        for i in tf.range(count):
-            total += tf.matmul(lhs[i % _PEAK_POOL], rhs)
+        # An explicit while_loop: this file may be run where autograph does not convert it.
+        def body(i: tf.Tensor, total: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            return i + 1, total + tf.matmul(lhs[i % _PEAK_POOL], rhs)
+
+        _, total = tf.while_loop(
+            lambda i, _: i < count, body, (tf.constant(0, count.dtype), tf.zeros((m, n)))
+        )
         return total
 
     run = tf.function(matmuls, jit_compile=True)

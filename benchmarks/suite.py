@@ -179,8 +179,14 @@ def run_workload(
             _promote_winner_warmup(run, prepared)
             run.prepared[name] = prepared
     for rep in range(1, reps + 1):
-        for prepared in list(run.prepared.values()):
-            _time_rep(run, timer, prepared, rep)
+        # Rotate the order every repetition: a contender can slow the one that runs after it
+        # (an autotuned tf.data iterator may stall when it is torn down), and rotation spreads
+        # that over everyone instead of always charging the same neighbour.
+        order = list(run.prepared.values())
+        shift = (rep - 1) % max(1, len(order))
+        for prepared in order[shift:] + order[:shift]:
+            if prepared.contender.name in run.prepared:
+                _time_rep(run, timer, prepared, rep)
     return run
 
 

@@ -230,9 +230,15 @@ def test_without_the_iterator_state_a_deterministic_dataset_resumes_by_count(tmp
     def run(directory, callbacks=()):
         model = make_model()
         checkpointer = tfloop.Checkpointer(directory, every_n_steps=4, save_iterator=False)
-        trainer = tfloop.Trainer(model, "adam", "categorical_crossentropy", seed=0,
-                                 steps_per_execution=3, callbacks=list(callbacks),
-                                 checkpoint=checkpointer)
+        trainer = tfloop.Trainer(
+            model,
+            "adam",
+            "categorical_crossentropy",
+            seed=0,
+            steps_per_execution=3,
+            callbacks=list(callbacks),
+            checkpoint=checkpointer,
+        )
         trainer.fit(dataset, epochs=3, verbose=0)
         return trainer
 

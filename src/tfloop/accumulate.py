@@ -31,7 +31,7 @@ def _validate_steps(steps: object, name: str = "steps") -> int:
     return steps
 
 
-class GradientAccumulator(tf.Module):
+class GradientAccumulator(tf.Module):  # type: ignore[misc]
     """Sums weighted gradients over a window of micro-batches and applies their exact mean.
 
     State lives in non-trainable ``tf.Variable`` s, so it works inside any ``tf.function``
@@ -96,7 +96,7 @@ class GradientAccumulator(tf.Module):
                 f"{len(self._variables)} variables; pass one gradient per variable, in order."
             )
         weight = tf.convert_to_tensor(weight)
-        for total, grad in zip(self._sums, gradients):
+        for total, grad in zip(self._sums, gradients, strict=False):
             if grad is None:
                 continue
             grad = tf.convert_to_tensor(grad)  # densifies IndexedSlices
@@ -123,7 +123,7 @@ class GradientAccumulator(tf.Module):
             gradients = self.mean_gradients()
             if clip_global_norm is not None:
                 gradients, _ = tf.clip_by_global_norm(gradients, clip_global_norm)
-            optimizer.apply_gradients(zip(gradients, self._variables))
+            optimizer.apply_gradients(zip(gradients, self._variables, strict=False))
             return tf.constant(True)
 
         tf.cond(self.total_weight > 0, update, lambda: tf.constant(False))

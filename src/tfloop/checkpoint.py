@@ -216,9 +216,7 @@ class Checkpointer:
         metadata: dict[str, Any] = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
         return metadata
 
-    def restore_into(
-        self, path: str, metadata: dict[str, Any], stream: StepStream | None
-    ) -> None:
+    def restore_into(self, path: str, metadata: dict[str, Any], stream: StepStream | None) -> None:
         """Restores ``path`` into the trainer and ``stream`` (iterator state, leftover batches).
 
         Raises CheckpointError for a checkpoint of another model, and lets the errors of a

@@ -68,7 +68,7 @@ def unpack_batch(batch: Nested) -> tuple[Nested, Nested, Nested]:
         (1, 2, None)
     """
     if isinstance(batch, tuple) and 1 <= len(batch) <= 3:
-        return (*batch, *(None,) * (3 - len(batch)))  # type: ignore[return-value]
+        return (*batch, *(None,) * (3 - len(batch)))
     return batch, None, None
 
 
@@ -169,7 +169,11 @@ class DataSource:
     infinite: bool = False
 
     bytes_per_batch: int
-    seeds_drawn = 0  # iterators made so far (their shuffle seeds); arrays need none
+
+    @property
+    def seeds_drawn(self) -> int:
+        """Iterators made so far from a dataset (each drew a shuffle seed); arrays need none."""
+        return 0
 
     def example_batch(self) -> Nested:
         """A batch with the data's structure, shapes and dtypes, made without an iterator."""
@@ -287,7 +291,7 @@ def _named_leaves(data: Nested) -> list[tuple[str, Any]]:
     parts = unpack_batch(data)
     names = ("x", "y", "sample_weight")
     named: list[tuple[str, Any]] = []
-    for name, part in zip(names, parts):
+    for name, part in zip(names, parts, strict=False):
         if part is None:
             continue
         for path, leaf in _flatten_with_paths(part):
@@ -315,13 +319,14 @@ class _ArraySource(DataSource):
     ) -> None:
         self.arrays = arrays
         self.num_examples = int(tf.nest.flatten(arrays)[0].shape[0])
-        self.batch_size = min(batch_size, self.num_examples)
-        self.steps_per_epoch = math.ceil(self.num_examples / self.batch_size)
+        self.examples_per_batch = min(batch_size, self.num_examples)
+        self.batch_size = self.examples_per_batch
+        self.steps_per_epoch = math.ceil(self.num_examples / self.examples_per_batch)
         self.steps_per_execution = steps_per_execution
         self.shuffle = shuffle
         self.seed = seed
         self.argument = argument
-        self.bytes_per_batch = self.batch_size * sum(
+        self.bytes_per_batch = self.examples_per_batch * sum(
             t.dtype.size * int(np.prod(t.shape[1:])) for t in tf.nest.flatten(arrays)
         )
         # from_tensors keeps one reference to the arrays; a captured constant would be copied
@@ -329,7 +334,7 @@ class _ArraySource(DataSource):
         self._arrays_dataset = tf.data.Dataset.from_tensors(arrays).repeat()
 
     def example_batch(self) -> Nested:
-        return tf.nest.map_structure(lambda t: t[: self.batch_size], self.arrays)
+        return tf.nest.map_structure(lambda t: t[: self.examples_per_batch], self.arrays)
 
     def order(self, epoch: int) -> tf.Tensor:
         """The example order of ``epoch``: a permutation seeded by ``(seed, epoch)``."""
@@ -346,7 +351,7 @@ class _ArraySource(DataSource):
         )
 
     def _pieces(self, epoch: int, start_step: int) -> Iterator[Piece]:
-        k, b, n = self.steps_per_execution, self.batch_size, self.num_examples
+        k, b, n = self.steps_per_execution, self.examples_per_batch, self.num_examples
         order = self.order(epoch)
         full_batches, partial = divmod(n, b)
         first = min(start_step, full_batches)
@@ -377,10 +382,13 @@ class _ArraySource(DataSource):
         if dataset is None:
             return
         dataset = dataset.prefetch(2).with_options(_array_pipeline_options())
-        for data, count in zip(dataset, steps):
+        for data, count in zip(dataset, steps, strict=False):
             yield Piece(data, count)
 
     def _gather(self, index_rows: tf.Tensor, leading: list[int]) -> tf.data.Dataset:
+        # Plain graph code with no Python control flow: nothing for autograph to convert (and
+        # it would warn, as this is called from a generator).
+        @tf.autograph.experimental.do_not_convert  # type: ignore[untyped-decorator]
         def gather(indices: tf.Tensor, arrays: Nested) -> Nested:
             return tf.nest.map_structure(
                 lambda t: tf.reshape(tf.gather(t, indices), leading + t.shape[1:].as_list()),
@@ -520,7 +528,7 @@ def _slice_run(data: Nested, start: int, stop: int, shapes: list[np.ndarray]) ->
     leaves = tf.nest.flatten(data)
     cut = [
         leaf[start:stop][tuple([slice(None)] + [slice(0, int(d)) for d in shape])]
-        for leaf, shape in zip(leaves, shapes)
+        for leaf, shape in zip(leaves, shapes, strict=False)
     ]
     return tf.nest.pack_sequence_as(data, cut)
 

@@ -218,9 +218,7 @@ class Trainer:
         if accumulator is None:
             self._unless_non_finite(gradients, loss, lambda: self._update(gradients))
             return
-        self._unless_non_finite(
-            gradients, loss, lambda: accumulator.accumulate(gradients, weight)
-        )
+        self._unless_non_finite(gradients, loss, lambda: accumulator.accumulate(gradients, weight))
         closes = accumulator.ready
         if self._closes_window is not None:
             closes = tf.logical_or(closes, self._closes_window)
@@ -234,7 +232,7 @@ class Trainer:
     def _update(self, gradients: list[Any]) -> None:
         if self.clip_global_norm is not None:
             gradients, _ = tf.clip_by_global_norm(gradients, self.clip_global_norm)
-        self.optimizer.apply_gradients(zip(gradients, self.trainable_variables))
+        self.optimizer.apply_gradients(zip(gradients, self.trainable_variables, strict=False))
 
     def _unless_non_finite(self, gradients: list[Any], loss: Any, action: Any) -> None:
         if self.non_finite == "ignore":
@@ -339,13 +337,16 @@ class Trainer:
                 "data is an infinite dataset (it repeats forever); pass steps_per_epoch=... "
                 "to say how many batches make an epoch."
             )
-        if isinstance(source, data_lib._ArraySource) and steps_per_epoch is not None:
-            if steps_per_epoch > source.steps_per_epoch:  # type: ignore[operator]
-                raise ConfigError(
-                    f"steps_per_epoch={steps_per_epoch} is more than the "
-                    f"{source.steps_per_epoch} batches the arrays hold; lower it or leave it "
-                    "None (one pass over the arrays per epoch)."
-                )
+        if (
+            isinstance(source, data_lib._ArraySource)
+            and steps_per_epoch is not None
+            and steps_per_epoch > (source.steps_per_epoch or 0)
+        ):
+            raise ConfigError(
+                f"steps_per_epoch={steps_per_epoch} is more than the "
+                f"{source.steps_per_epoch} batches the arrays hold; lower it or leave it "
+                "None (one pass over the arrays per epoch)."
+            )
         validation = None
         if validation_data is not None:
             validation = data_lib.adapt(
@@ -418,9 +419,7 @@ class Trainer:
         )
         return self._evaluate(source, steps, callbacks)
 
-    def predict(
-        self, data: Any, steps: int | None = None, *, batch_size: int | None = None
-    ) -> Any:
+    def predict(self, data: Any, steps: int | None = None, *, batch_size: int | None = None) -> Any:
         """Returns the model's outputs for ``data`` as NumPy (nested like the outputs).
 
         ``data`` is ``x`` arrays, ``(x, ...)`` tuples or a batched dataset; only ``x`` is used.
@@ -774,9 +773,7 @@ def _validate_steps_per_execution(value: Any) -> int | Literal["auto"]:
     if value == "auto":
         return "auto"
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(
-            f"steps_per_execution must be 'auto' or an int >= 1, got {value!r}."
-        )
+        raise ConfigError(f"steps_per_execution must be 'auto' or an int >= 1, got {value!r}.")
     return value
 
 
@@ -790,9 +787,7 @@ def _validate_clip(value: Any) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ConfigError(
-            f"clip_global_norm must be a positive number or None, got {value!r}."
-        )
+        raise ConfigError(f"clip_global_norm must be a positive number or None, got {value!r}.")
     return float(value)
 
 
