@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from tfloop import data as data_lib
 from tfloop.callbacks import CallbackList
 from tfloop.checkpoint import _CORRUPT_ERRORS, Checkpointer
-from tfloop.errors import CheckpointError, DataError
+from tfloop.errors import CheckpointError, DataError, _first_line
 
 if TYPE_CHECKING:
     from tfloop._loops import CompiledLoop
@@ -304,7 +304,7 @@ class FitLoop:
 
 
 def _warn_corrupt(path: str, error: BaseException) -> None:
-    message = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
+    message = _first_line(error)
     logger.warning(
         "tfloop: checkpoint %s cannot be restored (%s: %s); trying the previous one",
         path,

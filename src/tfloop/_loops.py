@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import tensorflow as tf
 
+from tfloop.errors import _first_line
+
 if TYPE_CHECKING:
     from tfloop.trainer import Trainer
 
@@ -88,7 +90,7 @@ class CompiledLoop:
                 raise
             # XLA compiles the whole graph before running any of it, so a compile failure left
             # every variable untouched and the same superbatch can simply run again.
-            reason = str(error).strip().splitlines()[0][:300]
+            reason = _first_line(error)
             logger.warning(
                 "tfloop: XLA could not compile the %s step, running it without XLA "
                 "(pass jit_compile=False to skip this attempt). Reason: %s",

@@ -31,7 +31,7 @@ import tensorflow as tf
 from google.protobuf import text_format
 from tensorflow.python.training.checkpoint_state_pb2 import CheckpointState
 
-from tfloop.errors import CheckpointError, ConfigError
+from tfloop.errors import CheckpointError, ConfigError, _first_line
 
 if TYPE_CHECKING:
     from tfloop.data import StepStream
@@ -376,11 +376,6 @@ def _positive_int_or_none(value: Any, name: str) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{name} must be an int >= 1 or None, got {value!r}.")
     return value
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:300] if text else type(error).__name__
 
 
 def _structure(nested: Any) -> Any:

@@ -35,6 +35,12 @@ class CheckpointError(TfloopError):
     """A checkpoint cannot be written or restored safely."""
 
 
+def _first_line(error: BaseException, limit: int = 300) -> str:
+    """The first line of an error's message (its type name if it has none), for messages."""
+    text = str(error).strip()
+    return text.splitlines()[0][:limit] if text else type(error).__name__
+
+
 class NonFiniteError(TfloopError, FloatingPointError):
     """Training produced a NaN or Inf loss or gradient (raised by ``NonFiniteGuard("raise")``).
 

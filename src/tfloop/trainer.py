@@ -36,7 +36,7 @@ from tfloop._fit_loop import FitLoop, FitPlan
 from tfloop._loops import CompiledLoop
 from tfloop.accumulate import GradientAccumulator, _validate_steps
 from tfloop.callbacks import Callback, CallbackList, History, ProgressBar
-from tfloop.errors import ConfigError, DataError
+from tfloop.errors import ConfigError, DataError, _first_line
 
 __all__ = ["Trainer"]
 
@@ -560,7 +560,7 @@ class Trainer:
         except Exception as error:
             expected = _expected_input(self.model)
             raise DataError(
-                f"data: the model cannot take x {_describe(x)}{expected}: {_first_line(error)}. "
+                f"data: the model cannot take x {_describe(x)}{expected}: {_first_line(error, 400)}. "
                 "Reshape or cast x to the model's input, or change the model's Input. If the "
                 "data is an unbatched dataset, call .batch(batch_size) on it."
             ) from error
@@ -592,7 +592,7 @@ class Trainer:
         except Exception as error:
             raise DataError(
                 f"data: the loss cannot be computed for y {_describe(y)}: "
-                f"{_first_line(error)}. Check that y matches the model's output and the loss "
+                f"{_first_line(error, 400)}. Check that y matches the model's output and the loss "
                 "(e.g. one-hot labels for categorical_crossentropy, integer labels for "
                 "sparse_categorical_crossentropy)."
             ) from error
@@ -665,8 +665,3 @@ def _expected_input(model: Any) -> str:
     except (AttributeError, ValueError, RuntimeError):
         return ""
     return f" (the model expects {shape})"
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:400] if text else type(error).__name__
