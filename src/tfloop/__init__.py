@@ -1,6 +1,6 @@
 """tfloop: a fast, exact, subclassable training loop for TensorFlow 2 and Keras 3.
 
-Example:
+Examples:
     >>> import tfloop
     >>> sorted(name for name in tfloop.__all__ if name[0].isupper())
     ['Callback', 'Checkpointer', 'GradientAccumulator', 'History', 'Trainer']

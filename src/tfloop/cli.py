@@ -1,6 +1,6 @@
 """The ``tfloop`` command: ``tfloop plot run.jsonl`` draws a run's curves to a PNG.
 
-Example:
+Examples:
     >>> import os, tempfile
     >>> from tfloop.callbacks import JSONLLogger
     >>> path = os.path.join(tempfile.mkdtemp(), "run.jsonl")

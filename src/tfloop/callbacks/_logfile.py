@@ -20,7 +20,7 @@ class LogFile:
     - ``append=False`` and first open by this object: start an empty file;
     - otherwise append, dropping a partial last line a killed process may have left.
 
-    Example:
+    Examples:
         >>> import tempfile, os
         >>> log = LogFile(os.path.join(tempfile.mkdtemp(), "run.log"), append=False)
         >>> log.write("one\\n")

@@ -22,7 +22,7 @@ class Monitor:
     ``current`` improves on ``best`` when ``current < best - min_delta`` (mode ``"min"``) or
     ``current > best + min_delta`` (mode ``"max"``); anything improves on ``None``.
 
-    Example:
+    Examples:
         >>> monitor = Monitor("EarlyStopping", "loss", "min", min_delta=0.1)
         >>> monitor.is_improvement(0.85, 1.0), monitor.is_improvement(0.95, 1.0)
         (True, False)

@@ -25,7 +25,7 @@ class Callback:
     index (within the epoch) of the last micro-batch that execution ran, and ``logs`` holds the
     running epoch metrics, ``step`` (optimizer updates so far) and ``batch``.
 
-    Example:
+    Examples:
         >>> import tfloop
         >>> class PrintEpochs(tfloop.Callback):
         ...     def on_epoch_end(self, epoch, logs):
@@ -85,7 +85,7 @@ class Callback:
 class CallbackList:
     """Calls an event on each callback, in the order given.
 
-    Example:
+    Examples:
         >>> import tfloop
         >>> seen = []
         >>> class Record(tfloop.Callback):

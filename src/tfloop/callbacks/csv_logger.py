@@ -29,7 +29,7 @@ class CSVLogger(Callback):
         separator: the field separator (one character).
         append: keep an existing file's rows (otherwise the first write starts it afresh).
 
-    Example:
+    Examples:
         >>> import os, tempfile
         >>> path = os.path.join(tempfile.mkdtemp(), "log.csv")
         >>> logger = CSVLogger(path)

@@ -47,7 +47,7 @@ class EarlyStopping(Callback):
             ``validation_data``; at the first epoch end for a key the logs do not have (the
             message lists the keys they have).
 
-    Example:
+    Examples:
         >>> stopper = EarlyStopping(monitor="loss", patience=1)
         >>> for epoch, loss in enumerate([1.0, 0.5, 0.6, 0.7, 0.1]):
         ...     stopper.on_epoch_end(epoch, {"loss": loss})

@@ -20,7 +20,7 @@ class History(Callback):
             ``validation_freq > 1``).
         epoch: the epoch indices that were recorded.
 
-    Example:
+    Examples:
         >>> h = History()
         >>> h.on_epoch_end(0, {"loss": 1.0})
         >>> h.on_epoch_end(1, {"loss": 0.5})
@@ -43,7 +43,7 @@ class History(Callback):
     def from_jsonl(cls, path: str | os.PathLike[str]) -> History:
         """The History of a run from the epoch records a ``JSONLLogger`` wrote to ``path``.
 
-        Example:
+        Examples:
             >>> import os, tempfile
             >>> from tfloop.callbacks import JSONLLogger
             >>> path = os.path.join(tempfile.mkdtemp(), "run.jsonl")
@@ -72,7 +72,7 @@ class History(Callback):
         ``keys`` picks what to draw (default: every key); an unknown key raises ConfigError
         listing the available ones. Returns the path written.
 
-        Example:
+        Examples:
             >>> import os, tempfile
             >>> h = History()
             >>> for epoch, loss in enumerate([1.0, 0.6, 0.4]):

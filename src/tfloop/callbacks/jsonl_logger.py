@@ -38,7 +38,7 @@ class JSONLLogger(Callback):
         every_n_steps: also write a step record every this many updates (``None``: epochs only).
         append: keep an existing file's records (otherwise the first write starts it afresh).
 
-    Example:
+    Examples:
         >>> import json, os, tempfile
         >>> path = os.path.join(tempfile.mkdtemp(), "run.jsonl")
         >>> logger = JSONLLogger(path)
@@ -96,7 +96,7 @@ class JSONLLogger(Callback):
 
     def _current_step(self, default: int) -> int:
         if self.trainer is not None:
-            return int(self.trainer.optimizer.iterations)
+            return int(self.trainer.optimizer.iterations.numpy())
         return default
 
     def _write(self, record: dict[str, Any], step: int) -> None:

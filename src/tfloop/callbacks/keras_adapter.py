@@ -48,7 +48,7 @@ class KerasCallbacks(Callback):
     Args:
         callbacks: ``keras.callbacks.Callback`` instances, called in this order.
 
-    Example:
+    Examples:
         >>> import keras, numpy as np, tfloop
         >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
         >>> stop = keras.callbacks.EarlyStopping(monitor="loss", min_delta=100.0)

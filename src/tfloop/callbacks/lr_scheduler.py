@@ -39,7 +39,7 @@ class LearningRateScheduler(Callback):
     Args:
         schedule: the function or ``LearningRateSchedule``.
 
-    Example:
+    Examples:
         >>> import keras, types
         >>> scheduler = LearningRateScheduler(lambda epoch, lr: lr * 0.5)
         >>> scheduler.trainer = types.SimpleNamespace(optimizer=keras.optimizers.SGD(1.0))

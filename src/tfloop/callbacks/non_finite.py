@@ -42,7 +42,7 @@ class NonFiniteGuard(Callback):
     Args:
         policy: ``"raise"``, ``"skip"`` or ``"ignore"``.
 
-    Example:
+    Examples:
         >>> import keras, numpy as np, tfloop
         >>> model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
         >>> trainer = tfloop.Trainer(model, "sgd", "mse",
@@ -84,7 +84,7 @@ class NonFiniteGuard(Callback):
         trainer = self.trainer
         self.skipped = 0
         self._seen = int(trainer._non_finite_steps.numpy()) if trainer is not None else 0
-        self._last_step = int(trainer.optimizer.iterations) if trainer is not None else 0
+        self._last_step = int(trainer.optimizer.iterations.numpy()) if trainer is not None else 0
 
     def on_train_batch_end(self, batch: int, logs: Logs) -> None:
         count = int(logs.get("non_finite_steps", self._seen))
@@ -137,14 +137,14 @@ class TerminateOnNaN(NonFiniteGuard):
     Args:
         raise_error: raise :class:`tfloop.errors.NonFiniteError` instead of stopping quietly.
 
-    Example:
+    Examples:
         >>> import keras, numpy as np, tfloop
         >>> model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
         >>> trainer = tfloop.Trainer(model, "sgd", "mse", steps_per_execution=1,
         ...                          callbacks=[tfloop.callbacks.TerminateOnNaN()])
         >>> x = np.array([[1.0], [np.nan], [2.0]], dtype="float32")
         >>> _ = trainer.fit((x, x), epochs=3, batch_size=1, shuffle=False, verbose=0)
-        >>> int(trainer.optimizer.iterations), bool(np.isfinite(model.get_weights()[0]).all())
+        >>> int(trainer.optimizer.iterations.numpy()), bool(np.isfinite(model.get_weights()[0]).all())
         (1, True)
     """
 

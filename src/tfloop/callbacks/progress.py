@@ -29,7 +29,7 @@ class ProgressBar(Callback):
 
     ``fit(verbose=1)`` (the default) adds one; ``verbose=0`` turns it off.
 
-    Example:
+    Examples:
         >>> import io
         >>> out = io.StringIO()
         >>> bar = ProgressBar(stream=out)

@@ -42,7 +42,7 @@ class ReduceLROnPlateau(Callback):
         min_lr: the lower bound of the learning rate.
         verbose: 1 logs each reduction.
 
-    Example:
+    Examples:
         >>> import keras, types
         >>> reduce = ReduceLROnPlateau(monitor="loss", factor=0.5, patience=1)
         >>> optimizer = keras.optimizers.SGD(1.0)

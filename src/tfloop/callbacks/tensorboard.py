@@ -45,7 +45,7 @@ class TensorBoard(Callback):
         update_freq: ``"epoch"``, or write batch scalars every this many updates.
         throughput: also write steps and samples per second (see ``Throughput``).
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> board = TensorBoard(tempfile.mkdtemp())  # doctest: +SKIP
     """
@@ -89,7 +89,7 @@ class TensorBoard(Callback):
     def on_fit_start(self, logs: Logs) -> None:
         if self._throughput is not None and self.trainer is not None:
             self._throughput.set_trainer(self.trainer)
-        self._last_step = int(self.trainer.optimizer.iterations) if self.trainer else 0
+        self._last_step = int(self.trainer.optimizer.iterations.numpy()) if self.trainer else 0
 
     def on_epoch_start(self, epoch: int, logs: Logs) -> None:
         if self._throughput is not None:
@@ -125,7 +125,7 @@ class TensorBoard(Callback):
     def on_eval_end(self, logs: Logs) -> None:
         if self.trainer is None or getattr(self.trainer, "_in_fit", False):
             return
-        step = int(self.trainer.optimizer.iterations)
+        step = int(self.trainer.optimizer.iterations.numpy())
         values = {f"evaluation_{k}_vs_iterations": v for k, v in logs.items()}
         self._scalars("validation", values, step)
         self.close()

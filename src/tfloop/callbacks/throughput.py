@@ -32,7 +32,7 @@ class Throughput(Callback):
     Args:
         clock: seconds as a float (``time.perf_counter``; tests pass a fake clock).
 
-    Example:
+    Examples:
         >>> import types
         >>> ticks = iter([0.0, 2.0])
         >>> meter = Throughput(clock=lambda: next(ticks))
@@ -56,7 +56,7 @@ class Throughput(Callback):
         return float(np.asarray(getattr(tracker, "count", 0.0))) if tracker is not None else 0.0
 
     def on_epoch_start(self, epoch: int, logs: Logs) -> None:
-        steps = int(self.trainer.optimizer.iterations) if self.trainer is not None else 0
+        steps = int(self.trainer.optimizer.iterations.numpy()) if self.trainer is not None else 0
         # A resumed epoch's tracker already holds the examples run before the checkpoint.
         self._start = self._last = (self.clock(), self._samples(), steps)
 
