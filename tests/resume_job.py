@@ -5,7 +5,9 @@
 It trains a small Dropout MLP with Adam, accumulation and a checkpoint every few updates, and
 writes the final weights and optimizer variables to OUT.npz. ``--kill-after N`` SIGKILLs the
 process once N micro-batches have run (counted across restarts by the checkpointed progress);
-``--term-after N`` sends it SIGTERM instead.
+``--term-after N`` sends it SIGTERM instead. ``--kill-in-write N`` SIGKILLs it inside the
+background write of checkpoint N, after its files are complete but before the ``checkpoint`` index
+names it. ``--sync-save`` writes checkpoints synchronously.
 """
 
 from __future__ import annotations
@@ -38,6 +40,11 @@ class KillAt(tfloop.Callback):
         done = self.trainer._current_epoch * epoch_batches + batch + 1
         if done >= self.after and self.after >= 0:
             self.after = -1
+            if self.signum == signal.SIGKILL:
+                # Let a background write in flight finish, so the kill point (not the
+                # writer's speed) decides which checkpoint the rerun resumes from.
+                # --kill-in-write covers a kill during a write.
+                self.trainer.checkpoint.wait()
             os.kill(os.getpid(), self.signum)
 
 
@@ -49,7 +56,18 @@ def main() -> None:
     parser.add_argument("--term-after", type=int, default=-1)
     parser.add_argument("--data", default="arrays")
     parser.add_argument("--every-n-steps", type=int, default=3)
+    parser.add_argument("--kill-in-write", type=int, default=-1)
+    parser.add_argument("--sync-save", action="store_true")
     args = parser.parse_args()
+    if args.kill_in_write >= 0:
+        record_state = tf.train.CheckpointManager._record_state
+
+        def kill_before_the_index(manager):
+            if (manager.latest_checkpoint or "").endswith(f"-{args.kill_in_write}"):
+                os.kill(os.getpid(), signal.SIGKILL)
+            record_state(manager)
+
+        tf.train.CheckpointManager._record_state = kill_before_the_index
 
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
@@ -68,7 +86,9 @@ def main() -> None:
         callbacks.append(KillAt(args.kill_after, signal.SIGKILL))
     if args.term_after >= 0:
         callbacks.append(KillAt(args.term_after, signal.SIGTERM))
-    checkpointer = tfloop.Checkpointer(args.directory, every_n_steps=args.every_n_steps)
+    checkpointer = tfloop.Checkpointer(
+        args.directory, every_n_steps=args.every_n_steps, async_save=not args.sync_save
+    )
     trainer = tfloop.Trainer(
         model,
         "adam",

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import keras
@@ -70,6 +71,51 @@ def test_killed_run_resumes_bit_identically(tmp_path, references, data, signal_f
     assert list(directory.glob("ckpt-*.index")), "the killed run saved nothing"
     run_job(directory, out, "--data", data)
     assert_same_npz(references[data], out)
+
+
+@pytest.mark.slow
+def test_killed_inside_a_background_write_resumes_from_the_previous_checkpoint(
+    tmp_path, references
+):
+    directory, out = tmp_path / "run", tmp_path / "out.npz"
+    # every 3 updates: checkpoint 6 has all its files when the process dies, but no index entry
+    run_job(directory, out, "--data", "dataset", "--kill-in-write", "6", expect=-signal.SIGKILL)
+    assert Path(tf.train.latest_checkpoint(str(directory))).name == "ckpt-3"
+    run_job(directory, out, "--data", "dataset")
+    assert_same_npz(references["dataset"], out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("data", ["arrays", "dataset"])
+def test_sync_and_async_saves_write_identical_checkpoints(tmp_path, data):
+    # Separate processes, so that the layer names written into the object graph are the same.
+    for mode in ("async", "sync"):
+        flags = ["--sync-save"] if mode == "sync" else []
+        run_job(tmp_path / mode, tmp_path / f"{mode}.npz", "--data", data, *flags)
+    names = sorted(p.name for p in (tmp_path / "sync").glob("ckpt-*"))
+    assert names == sorted(p.name for p in (tmp_path / "async").glob("ckpt-*"))
+    assert len(names) == 6  # 3 checkpoints kept, an index and a data file each
+    if data == "arrays":
+        for name in names:
+            sync, background = tmp_path / "sync" / name, tmp_path / "async" / name
+            assert sync.read_bytes() == background.read_bytes(), name
+    else:
+        # A tf.data iterator's state holds its prefetch buffers, which hold as many elements
+        # as the prefetch thread got to make: that differs from run to run, sync or not, and
+        # a restore replays the same batches either way. Every other tensor is identical.
+        for prefix in sorted({name.split(".")[0] for name in names}):
+            sync = tf.train.load_checkpoint(str(tmp_path / "sync" / prefix))
+            background = tf.train.load_checkpoint(str(tmp_path / "async" / prefix))
+            dtypes = sync.get_variable_to_dtype_map()
+            assert dtypes == background.get_variable_to_dtype_map()
+            for key, dtype in dtypes.items():
+                if dtype != tf.variant:
+                    left, right = np.asarray(sync.get_tensor(key)), background.get_tensor(key)
+                    if left.dtype == object:  # strings
+                        assert left.tolist() == np.asarray(right).tolist(), key
+                    else:
+                        assert left.tobytes() == np.asarray(right).tobytes(), key
+    assert_same_npz(tmp_path / "async.npz", tmp_path / "sync.npz")
 
 
 # ------------------------------------------------------------------------ in-process checks
@@ -248,3 +294,152 @@ def test_without_the_iterator_state_a_deterministic_dataset_resumes_by_count(tmp
     resumed = run(tmp_path / "resumed")
     assert int(resumed.optimizer.iterations) == 21
     assert_weights_equal(weights_of(straight.model), weights_of(resumed.model))
+
+
+# --------------------------------------------------------------------------- background writes
+
+
+def slow_writes(monkeypatch, seconds=0.3):
+    """Makes every background write start late, so training runs on while it is pending."""
+    write = tfloop.Checkpointer._write
+
+    def late(self, snapshot, step):
+        time.sleep(seconds)
+        write(self, snapshot, step)
+
+    monkeypatch.setattr(tfloop.Checkpointer, "_write", late)
+
+
+def checkpoint_values(path):
+    reader = tf.train.load_checkpoint(str(path))
+    return {
+        key: reader.get_tensor(key)
+        for key in reader.get_variable_to_shape_map()
+        if key.startswith("model/") or key.startswith("optimizer/")
+    }
+
+
+def test_a_background_write_saves_the_state_of_the_save_step(tmp_path, monkeypatch):
+    slow_writes(monkeypatch)
+    x, y = make_data(48)
+    at_step = {}
+
+    class Remember(tfloop.Callback):  # runs before the save, at the same boundary
+        def on_train_batch_end(self, batch, logs):
+            at_step[int(logs["step"])] = [v.numpy().copy() for v in self.trainer.model.weights]
+
+    model = make_model()
+    checkpointer = tfloop.Checkpointer(tmp_path, every_n_steps=2, max_to_keep=10)
+    trainer = tfloop.Trainer(
+        model,
+        "adam",
+        "categorical_crossentropy",
+        steps_per_execution=2,
+        callbacks=[Remember()],
+        checkpoint=checkpointer,
+    )
+    trainer.fit((x, y), epochs=2, batch_size=8, verbose=0)  # 12 updates, a save every 2
+    for step in (2, 4, 6, 8, 10, 12):
+        restored = make_model()  # freshly initialised: only a real restore makes them equal
+        tf.train.Checkpoint(model=restored).read(str(tmp_path / f"ckpt-{step}")).expect_partial()
+        assert_weights_equal(at_step[step], [v.numpy() for v in restored.weights])
+    # training went on while the writes were pending: the early saves hold older weights
+    assert not np.array_equal(at_step[2][0], model.weights[0].numpy())
+
+
+def test_fit_returns_only_after_the_background_write_is_complete(tmp_path, monkeypatch):
+    slow_writes(monkeypatch)
+    trainer = fit(tmp_path, epochs=1, every_epoch=False)  # saves at updates 2, 4 and 6
+    assert trainer.checkpoint._writer is None
+    assert Path(tf.train.latest_checkpoint(str(tmp_path))).name == "ckpt-6"
+    assert (tmp_path / "ckpt-6.index").exists() and not list(tmp_path.glob("*_temp*"))
+
+
+def test_fit_that_raises_still_completes_the_pending_write(tmp_path, monkeypatch):
+    slow_writes(monkeypatch)
+
+    class Crash(RuntimeError):
+        pass
+
+    class CrashAfterTheSave(tfloop.Callback):
+        def on_train_batch_end(self, batch, logs):
+            if logs["step"] >= 3:
+                raise Crash
+
+    checkpointer = tfloop.Checkpointer(tmp_path, every_n_steps=2, every_epoch=False)
+    trainer = tfloop.Trainer(
+        make_model(),
+        "adam",
+        "categorical_crossentropy",
+        steps_per_execution=1,
+        callbacks=[CrashAfterTheSave()],
+        checkpoint=checkpointer,
+    )
+    with pytest.raises(Crash):
+        trainer.fit(make_data(48), epochs=1, batch_size=8, verbose=0)
+    assert checkpointer._writer is None
+    assert Path(tf.train.latest_checkpoint(str(tmp_path))).name == "ckpt-2"
+
+
+def test_a_failed_background_write_raises(tmp_path, monkeypatch):
+    class DiskFull(OSError):
+        pass
+
+    def fail(self, checkpoint_number=None, **kwargs):
+        raise DiskFull("no space left on device")
+
+    monkeypatch.setattr(tf.train.CheckpointManager, "save", fail)
+    with pytest.raises(CheckpointError, match="no space left") as raised:
+        fit(tmp_path, epochs=1, every_epoch=False)
+    assert isinstance(raised.value.__cause__, DiskFull)
+
+
+def test_a_failed_background_write_raises_at_the_next_save(tmp_path, monkeypatch):
+    save = tf.train.CheckpointManager.save
+
+    def fail_once(self, checkpoint_number=None, **kwargs):
+        if checkpoint_number == 2:
+            raise OSError("the disk went away")
+        return save(self, checkpoint_number=checkpoint_number, **kwargs)
+
+    monkeypatch.setattr(tf.train.CheckpointManager, "save", fail_once)
+    trainer = tfloop.Trainer(
+        make_model(),
+        "adam",
+        "categorical_crossentropy",
+        steps_per_execution=1,
+        checkpoint=tfloop.Checkpointer(tmp_path, every_n_steps=2, every_epoch=False),
+    )
+    with pytest.raises(CheckpointError, match=r"ckpt-2.*the disk went away"):
+        trainer.fit(make_data(48), epochs=1, batch_size=8, verbose=0)
+    assert int(trainer.optimizer.iterations) == 4  # raised by the save at update 4
+    assert tf.train.latest_checkpoint(str(tmp_path)) is None
+
+
+def test_async_save_false_writes_before_training_goes_on(tmp_path, monkeypatch):
+    started = []
+    monkeypatch.setattr(tfloop.Checkpointer, "_write", lambda *args: started.append(args))
+    trainer = fit(tmp_path, epochs=1, every_epoch=False, async_save=False)
+    assert started == []
+    assert Path(tf.train.latest_checkpoint(str(tmp_path))).name == "ckpt-6"
+    assert trainer.checkpoint.async_save is False
+
+
+def test_a_callback_with_on_checkpoint_sees_a_complete_checkpoint(tmp_path, monkeypatch):
+    slow_writes(monkeypatch)
+    seen = []
+
+    class Check(tfloop.Callback):
+        def on_checkpoint(self, path, logs):
+            seen.append(tf.train.latest_checkpoint(str(tmp_path)) == path)
+
+    checkpointer = tfloop.Checkpointer(tmp_path, every_n_steps=2, every_epoch=False)
+    trainer = tfloop.Trainer(
+        make_model(),
+        "adam",
+        "categorical_crossentropy",
+        callbacks=[Check()],
+        checkpoint=checkpointer,
+    )
+    trainer.fit(make_data(48), epochs=1, batch_size=8, verbose=0)
+    assert seen == [True, True, True]

@@ -13,6 +13,15 @@ already pulled into the current superbatch but not run yet.
 
 Saves go through ``tf.train.CheckpointManager``: the data files are written first and the
 ``checkpoint`` index last, atomically, so a save killed halfway is never taken for a checkpoint.
+
+By default the files are written in a background thread while training goes on. At the save the
+training thread takes a snapshot of every saved tensor (variable reads, which TF keeps immutable
+by copy-on-write, and the serialized iterator state) and hands it to the writer through the
+checkpoint's object map, the hook TF's own async checkpointing uses. So the checkpoint holds the
+state of the exact update the save was due at, and its files are the same bytes a synchronous
+save writes. TF's built-in async mode cannot be used: Keras 3 variables create a new
+``tf.Variable`` on every copy, which its copy function (a ``tf.function``) refuses on the second
+save.
 """
 
 from __future__ import annotations
@@ -22,14 +31,24 @@ import logging
 import os
 import shutil
 import signal
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import keras
 import tensorflow as tf
 from google.protobuf import text_format
+from tensorflow.python.checkpoint import saveable_compat
+from tensorflow.python.checkpoint import util as checkpoint_util
+from tensorflow.python.ops import resource_variable_ops
+from tensorflow.python.saved_model import registration
+from tensorflow.python.trackable import base as trackable_base
+from tensorflow.python.trackable import python_state
 from tensorflow.python.training.checkpoint_state_pb2 import CheckpointState
+from tensorflow.python.training.saving import saveable_object, saveable_object_util
+from tensorflow.python.util import object_identity
 
 from tfloop.errors import CheckpointError, ConfigError, _first_line
 
@@ -65,8 +84,17 @@ class Checkpointer:
             return (``trainer.preempted`` is then ``True``). Installed only in the main thread.
         exit_code: if set, the process exits with this code after a preemption save (143 is
             the usual code for SIGTERM).
+        async_save: write the checkpoint files in a background thread while training goes
+            on (the default). The saved state is still that of the exact update the save was
+            due at: it is snapshotted on the training thread first. ``fit`` waits for the
+            write before the next save, before it returns (or exits after a preemption) and
+            when it raises; a failed write raises CheckpointError at the latest then. Saves
+            are synchronous anyway for a preemption and when a callback defines
+            ``on_checkpoint`` (which is promised a complete checkpoint), and under a
+            ``tf.distribute`` strategy. ``False`` writes every checkpoint before training
+            continues.
 
-    Example:
+    Examples:
         >>> import tempfile, numpy as np, keras, tfloop
         >>> directory = tempfile.mkdtemp()
         >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
@@ -89,6 +117,7 @@ class Checkpointer:
         save_iterator: bool = True,
         preemption_signals: Sequence[int] = (signal.SIGTERM,),
         exit_code: int | None = None,
+        async_save: bool = True,
     ) -> None:
         self.directory = Path(directory)
         self.every_n_steps = _positive_int_or_none(every_n_steps, "every_n_steps")
@@ -105,6 +134,7 @@ class Checkpointer:
         self.save_iterator = save_iterator
         self.preemption_signals = tuple(preemption_signals)
         self.exit_code = exit_code
+        self.async_save = bool(async_save)
         self.preempted = False
         self.last_saved: str | None = None
         self.saved_iterator = False  # whether the last save included a tf.data iterator
@@ -114,6 +144,11 @@ class Checkpointer:
         self._last_save_time = time.monotonic()
         self._last_position: tuple[int, int, int] | None = None
         self._previous_handlers: dict[int, Any] = {}
+        self._writer: threading.Thread | None = None  # the background write in progress
+        self._write_error: BaseException | None = None
+        self._writing: str | None = None  # the path the background write is making
+        self._plan: tuple[Any, _Plan | None] | None = None  # (iterator, plan) of the last save
+        self._reader: tuple[list[int], Any] | None = None
 
     # ----------------------------------------------------------------------------- set up
 
@@ -149,6 +184,7 @@ class Checkpointer:
 
     def _attach(self, trainer: Trainer) -> None:
         """Binds the trainer's state; called by the Trainer once it is built."""
+        self._plan = None  # the saved objects may differ from the last fit call's
         if self._trainer is trainer and self._checkpoint is not None:
             return  # a later fit call of the same trainer: same objects, same checkpoint
         self._trainer = trainer
@@ -177,6 +213,8 @@ class Checkpointer:
         self._manager = tf.train.CheckpointManager(
             self._checkpoint, str(self.directory), max_to_keep=self.max_to_keep
         )
+        # Made now, not by the first save: a background write must not add to the object graph.
+        _ = self._checkpoint.save_counter
 
     # ---------------------------------------------------------------------------- restore
 
@@ -299,9 +337,14 @@ class Checkpointer:
         seeds_drawn: int = 0,
         stream_seeds: int | None = None,
     ) -> str | None:
-        """Writes a checkpoint of the current state at ``(epoch, batch)``; returns its path."""
+        """Saves a checkpoint of the current state at ``(epoch, batch)``; returns its path.
+
+        With ``async_save`` the files may still be being written when this returns (see
+        :meth:`wait`); the state saved is the state at this call either way.
+        """
         assert self._trainer is not None and self._manager is not None
-        step = int(self._trainer.optimizer.iterations)
+        self.wait()
+        step = int(self._trainer.optimizer.iterations.numpy())
         if self._last_position == (epoch, batch, step):
             return None  # this exact state is already saved
         metadata: dict[str, Any] = {
@@ -339,11 +382,114 @@ class Checkpointer:
                 metadata["leftover_structure"] = json.dumps(_structure(runs[0]))
         self._leftover.assign(tf.stack(leaves) if leaves else tf.constant([], tf.string))
         self._metadata.assign(json.dumps(metadata))
-        path: str = self._manager.save(checkpoint_number=step)
+        # Under a tf.distribute strategy saves stay synchronous: reading on-read variables is a
+        # cross-replica reduction, which must not run on another thread.
+        background = self.async_save and not self.preempted
+        if self._trainer is not None and getattr(self._trainer, "strategy", None) is not None:
+            background = False
+        snapshot = self._snapshot() if background else None
+        if snapshot is None:
+            path: str = self._manager.save(checkpoint_number=step)
+        else:
+            path = f"{os.path.join(str(self.directory), 'ckpt')}-{step}"  # as the manager names it
+            self._writing = path
+            self._writer = threading.Thread(
+                target=self._write, args=(snapshot, step), name="tfloop-checkpoint-writer"
+            )
+            self._writer.start()
         self._last_save_time = time.monotonic()
         self._last_position = (epoch, batch, step)
         self.last_saved = path
         return path
+
+    def wait(self, *, raise_error: bool = True) -> None:
+        """Blocks until a background write is complete; raises CheckpointError if it failed.
+
+        With ``raise_error=False`` a failure is logged instead (for a ``fit`` that is already
+        raising another error).
+        """
+        writer = self._writer
+        if writer is not None:
+            writer.join()
+            self._writer = None
+        error, path = self._write_error, self._writing
+        self._write_error = self._writing = None
+        if error is None:
+            return
+        message = (
+            f"writing checkpoint {path!r} failed ({type(error).__name__}: {_first_line(error)}); "
+            f"the checkpoints listed in {str(self.directory / 'checkpoint')!r} are intact."
+        )
+        if not raise_error:
+            logger.error("tfloop: %s", message)
+            return
+        raise CheckpointError(message) from error
+
+    def _snapshot(self) -> _SnapshotMap | None:
+        """Freezes the tensors of every saved object now, for a write that comes later.
+
+        Returns None when an object cannot be frozen (legacy saveables, Python state, a TF
+        without the object-map hook); that checkpoint is then written synchronously.
+        """
+        iterator = getattr(self._data, "iterator", None)
+        if self._plan is None or self._plan[0] is not iterator:
+            self._plan = (iterator, self._make_plan())
+        plan = self._plan[1]
+        if plan is None:
+            return None
+        snapshot = _SnapshotMap()
+        for obj in plan.unchanged:
+            snapshot[obj] = obj
+        for (obj, full_name), value in zip(plan.variables, plan.read(), strict=True):
+            snapshot[obj] = _FrozenVariable({_VARIABLE_VALUE: value}, full_name)
+        for obj in plan.others:
+            frozen = _freeze(obj)
+            if frozen is None or frozen is _CANNOT_FREEZE:
+                return None
+            snapshot[obj] = frozen
+        return snapshot
+
+    def _make_plan(self) -> _Plan | None:
+        """Sorts the saved objects once: plain variables are read in one call per save."""
+        assert self._checkpoint is not None
+        saver = getattr(self._checkpoint, "_saver", None)
+        view = getattr(saver, "_graph_view", None)
+        if view is None or not hasattr(saver, "_object_map"):
+            return None
+        counter = self._checkpoint.save_counter  # the writer's own: it counts the write
+        objects, _ = view.breadth_first_traversal()
+        plan = _Plan()
+        for obj in objects:
+            if obj is counter:
+                plan.unchanged.append(obj)
+                continue
+            variable = _plain_variable(obj)
+            if variable is not None:
+                plan.variables.append((obj, checkpoint_util.get_full_name(obj)))
+                plan.sources.append(variable)
+                continue
+            frozen = _freeze(obj)
+            if frozen is _CANNOT_FREEZE:
+                return None
+            (plan.unchanged if frozen is None else plan.others).append(obj)
+        key = [id(v) for v in plan.sources]
+        if self._reader is None or self._reader[0] != key:
+            sources = list(plan.sources)
+            self._reader = (key, tf.function(lambda: [v.read_value() for v in sources]))
+        plan.read = self._reader[1]
+        return plan
+
+    def _write(self, snapshot: _SnapshotMap, step: int) -> None:
+        """The background write: the manager's usual save, fed the snapshot's tensors."""
+        assert self._checkpoint is not None and self._manager is not None
+        saver = self._checkpoint._saver
+        saver._object_map = snapshot
+        try:
+            self._manager.save(checkpoint_number=step)
+        except BaseException as error:  # kept for wait() to raise on the training thread
+            self._write_error = error
+        finally:
+            saver._object_map = None
 
     # ------------------------------------------------------------------------- preemption
 
@@ -368,6 +514,107 @@ class Checkpointer:
         for signum, previous in self._previous_handlers.items():
             signal.signal(signum, previous)
         self._previous_handlers.clear()
+
+
+class _SnapshotMap(object_identity.ObjectIdentityDictionary):  # type: ignore[misc]
+    """Each saved object -> its frozen stand-in (or itself when it saves no tensors).
+
+    TF's saver looks every object of the graph up here (``get``) while it writes. An object
+    that was not there at the snapshot would be written with its live value, so it stops the
+    write with an error instead, before any file is made.
+    """
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        if key not in self:
+            raise CheckpointError(
+                f"an object ({type(key).__name__}) was added to the saved state during a "
+                "background checkpoint write; pass Checkpointer(async_save=False) if the model "
+                "or optimizer gains state while training."
+            )
+        return self[key]
+
+
+class _Plan:
+    """The saved objects, sorted by how a snapshot freezes them."""
+
+    def __init__(self) -> None:
+        self.unchanged: list[Any] = []  # save no tensors (containers), or the save counter
+        self.variables: list[tuple[Any, str]] = []  # plain variables and their full names
+        self.sources: list[tf.Variable] = []  # the tf.Variable behind each of those
+        self.others: list[Any] = []  # frozen through their own _serialize_to_tensors
+        self.read: Any = None  # a tf.function reading all of ``sources`` at once
+
+
+def _plain_variable(obj: Any) -> tf.Variable | None:
+    """The ResourceVariable behind ``obj`` if it saves just that variable's value."""
+    if isinstance(obj, keras.Variable):
+        obj = obj.value
+    if type(obj) in (
+        resource_variable_ops.ResourceVariable,
+        resource_variable_ops.UninitializedVariable,
+    ):
+        return obj
+    return None
+
+
+class _Frozen(trackable_base.Trackable):  # type: ignore[misc]
+    """Stands in for a saved object in a background write: the tensors it had at the save."""
+
+    def __init__(self, tensors: dict[str, Any], full_name: str) -> None:
+        self._tensors = tensors
+        self._shared_name = full_name  # written to the object graph, as for the original
+
+    def _serialize_to_tensors(self) -> dict[str, Any]:
+        return self._tensors
+
+
+class _FrozenVariable(_Frozen):
+    """A frozen variable: TF writes a variable's name into the object graph, so this one too."""
+
+    _should_act_as_resource_variable = True
+    _save_slice_info = None
+
+
+_CANNOT_FREEZE = object()
+_VARIABLE_VALUE = trackable_base.VARIABLE_VALUE_KEY
+
+
+def _freeze(obj: Any) -> Any:
+    """A frozen copy of what ``obj`` saves; None if it saves nothing; or _CANNOT_FREEZE."""
+    if (
+        isinstance(obj, python_state.PythonState)
+        or registration.get_registered_saver_name(obj)
+        or saveable_compat.get_saveable_name(obj)
+    ):
+        return _CANNOT_FREEZE
+    if not saveable_object_util.trackable_has_serialize_to_tensor(obj):
+        # Legacy SaveableObjects are read when written: they cannot be frozen.
+        return _CANNOT_FREEZE if obj._gather_saveables_for_checkpoint() else None
+    tensors = _frozen_values(obj._serialize_to_tensors())
+    if tensors is _CANNOT_FREEZE:
+        return _CANNOT_FREEZE
+    kind = _FrozenVariable if resource_variable_ops.is_resource_variable(obj) else _Frozen
+    return kind(tensors, checkpoint_util.get_full_name(obj))
+
+
+def _frozen_values(values: dict[str, Any]) -> Any:
+    """Evaluates what ``_serialize_to_tensors`` returned into tensors that will not change.
+
+    A variable read is immutable: TF copies a variable's buffer before updating it while a
+    read of it is alive (copy-on-write), so later training steps do not reach the snapshot.
+    """
+    frozen: dict[str, Any] = {}
+    for name, value in values.items():
+        if isinstance(value, dict):
+            value = _frozen_values(value)
+        elif isinstance(value, saveable_object.SaveSpec):
+            value = None if value.slice_spec else value.tensor  # a Callable reads the variable
+        elif isinstance(value, tf.Variable) or resource_variable_ops.is_resource_variable(value):
+            value = value.read_value()
+        if value is _CANNOT_FREEZE or not (isinstance(value, dict) or tf.is_tensor(value)):
+            return _CANNOT_FREEZE
+        frozen[name] = value
+    return frozen
 
 
 def _positive_int_or_none(value: Any, name: str) -> int | None:
