@@ -4,10 +4,18 @@ A contender turns a ``Setup`` (workload, data, seed) and one configuration into 
 ``EpochFn``: a function that trains one more epoch on the contender's own model and returns
 the epoch's mean loss. Contenders with several configurations are tuned by a search pass
 (see ``suite.prepare``). The hand loops are written plainly here, without tfloop.
+
+Keras and tfloop train the way a user runs them: one ``fit`` call for all epochs. That call runs
+in a worker thread (``FitDriver``) whose epoch-end callback parks it until the suite asks for
+the next epoch, so contenders still interleave epoch by epoch. An epoch's time runs from the
+moment it is released to its epoch-end callback: everything between two epoch ends, with the
+``fit`` call's own setup in the first epoch (the warm-up), as in a real multi-epoch run.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -83,13 +91,86 @@ class Contender:
     flops_per_sample: Callable[[Workload], float] = Workload.train_flops_per_example
 
 
-def _final_loss(history: Any) -> float | None:
-    """The last epoch's loss of a Keras or tfloop History, if it has one."""
-    losses = getattr(history, "history", {}).get("loss")
-    return float(losses[-1]) if losses else None
+# --- One fit call, one epoch at a time --------------------------------------------------------
+
+MANY_EPOCHS = 1_000_000
+"""The ``epochs`` of a driven fit: it runs until the suite closes it."""
+
+EpochEnd = Callable[[Any], bool]
+"""Called by a fit's epoch-end callback with the epoch's logs; True asks the fit to stop."""
+
+
+class FitDriver:
+    """Runs one multi-epoch ``fit`` in a worker thread and hands it out one epoch per call.
+
+    ``start_fit(epoch_end)`` runs the fit (``epochs=MANY_EPOCHS``) with a callback that calls
+    ``epoch_end(logs)`` at every epoch end and stops training when it returns True. The driver
+    is the contender's ``EpochFn``: calling it lets the fit run one more epoch and returns that
+    epoch's loss. ``close()`` stops the fit and waits for its thread.
+    """
+
+    def __init__(self, start_fit: Callable[[EpochEnd], Any]) -> None:
+        self._start_fit = start_fit
+        self._go = threading.Semaphore(0)
+        self._events: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._closing = False
+
+    def __call__(self) -> float | None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="fit", daemon=True)
+            self._thread.start()
+        elif self._thread.is_alive():
+            self._go.release()
+        else:
+            raise RuntimeError("the fit call has already ended")
+        kind, value = self._events.get()
+        if kind == "error":
+            raise value
+        if kind == "ended":
+            raise RuntimeError("the fit call ended before the epoch did")
+        return value  # type: ignore[no-any-return]
+
+    def _epoch_end(self, logs: Any) -> bool:
+        loss = (logs or {}).get("loss")
+        self._events.put(("epoch", None if loss is None else float(loss)))
+        self._go.acquire()
+        return self._closing
+
+    def _run(self) -> None:
+        try:
+            self._start_fit(self._epoch_end)
+        except BaseException as error:  # handed to the caller of the epoch
+            self._events.put(("error", error))
+        else:
+            self._events.put(("ended", None))
+
+    def close(self) -> None:
+        """Stop the fit at its current epoch end and wait for the thread."""
+        if self._thread is not None and self._thread.is_alive():
+            self._closing = True
+            self._go.release()
+            self._thread.join(timeout=120)
+
+
+def close_epoch_fn(epoch: EpochFn) -> None:
+    """Release what a contender's ``EpochFn`` holds (a driven fit's thread), if anything."""
+    close = getattr(epoch, "close", None)
+    if close is not None:
+        close()
 
 
 # --- Keras model.fit -------------------------------------------------------------------------
+
+
+class _KerasEpochEnd(keras.callbacks.Callback):  # type: ignore[misc]
+    def __init__(self, epoch_end: EpochEnd) -> None:
+        super().__init__()
+        self.epoch_end = epoch_end
+
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        if self.epoch_end(logs):
+            self.model.stop_training = True
 
 
 def _keras_callbacks(probe: FirstStepProbe | None) -> list[keras.callbacks.Callback]:
@@ -119,34 +200,38 @@ def _keras_compiled(setup: Setup, config: Config) -> keras.Model:
 
 
 def keras_default(setup: Setup, config: Config) -> EpochFn:
-    """``model.fit(x, y, batch_size=B)`` on the NumPy arrays, nothing tuned."""
+    """``model.fit(x, y, batch_size=B, epochs=...)`` on the NumPy arrays, nothing tuned."""
     model = _keras_compiled(setup, config)
     callbacks = _keras_callbacks(setup.probe)
 
-    def epoch() -> float | None:
-        history = model.fit(
+    def start_fit(epoch_end: EpochEnd) -> None:
+        model.fit(
             setup.x,
             setup.y,
             batch_size=setup.workload.batch_size,
-            epochs=1,
+            epochs=MANY_EPOCHS,
             verbose=0,
-            callbacks=callbacks,
+            callbacks=[*callbacks, _KerasEpochEnd(epoch_end)],
         )
-        return _final_loss(history)
 
-    return epoch
+    return FitDriver(start_fit)
 
 
 def keras_on_dataset(setup: Setup, config: Config) -> EpochFn:
-    """``model.fit`` on the shared cached tf.data pipeline, compiled with ``config``."""
+    """``model.fit(dataset, epochs=...)`` on the shared cached pipeline, compiled with ``config``."""
     model = _keras_compiled(setup, config)
     callbacks = _keras_callbacks(setup.probe)
 
-    def epoch() -> float | None:
-        history = model.fit(setup.dataset, epochs=1, verbose=0, shuffle=False, callbacks=callbacks)
-        return _final_loss(history)
+    def start_fit(epoch_end: EpochEnd) -> None:
+        model.fit(
+            setup.dataset,
+            epochs=MANY_EPOCHS,
+            verbose=0,
+            shuffle=False,
+            callbacks=[*callbacks, _KerasEpochEnd(epoch_end)],
+        )
 
-    return epoch
+    return FitDriver(start_fit)
 
 
 # --- Hand-written loops ----------------------------------------------------------------------
@@ -255,6 +340,18 @@ def _tfloop_probe_callback(probe: FirstStepProbe) -> Any:
     return FirstStep()
 
 
+def _tfloop_epoch_end_callback(epoch_end: EpochEnd) -> Any:
+    """A tfloop callback that reports each epoch end to a ``FitDriver``."""
+    import tfloop
+
+    class EpochEndCallback(tfloop.Callback):
+        def on_epoch_end(self, epoch: int, logs: Any) -> None:
+            if epoch_end(logs) and self.trainer is not None:
+                self.trainer.stop_training = True
+
+    return EpochEndCallback()
+
+
 def _tfloop_trainer(setup: Setup, config: Config, accumulate_steps: int) -> Any:
     """A ``tfloop.Trainer`` with the workload's model, optimizer, loss and metrics."""
     import tfloop
@@ -271,16 +368,19 @@ def _tfloop_trainer(setup: Setup, config: Config, accumulate_steps: int) -> Any:
     )
 
 
+def _tfloop_driven(trainer: Any, data: Any, **fit_options: Any) -> EpochFn:
+    """``trainer.fit(data, epochs=...)`` run by a ``FitDriver``."""
+
+    def start_fit(epoch_end: EpochEnd) -> None:
+        trainer.callbacks.append(_tfloop_epoch_end_callback(epoch_end))
+        trainer.fit(data, epochs=MANY_EPOCHS, verbose=0, **fit_options)
+
+    return FitDriver(start_fit)
+
+
 def _tfloop_on_arrays(setup: Setup, config: Config, accumulate_steps: int) -> EpochFn:
     trainer = _tfloop_trainer(setup, config, accumulate_steps)
-
-    def epoch() -> float | None:
-        history = trainer.fit(
-            (setup.x, setup.y), epochs=1, batch_size=setup.workload.batch_size, verbose=0
-        )
-        return _final_loss(history)
-
-    return epoch
+    return _tfloop_driven(trainer, (setup.x, setup.y), batch_size=setup.workload.batch_size)
 
 
 def tfloop_default(setup: Setup, config: Config) -> EpochFn:
@@ -295,7 +395,7 @@ def tfloop_checkpoint(setup: Setup, config: Config) -> EpochFn:
     import tfloop
 
     directory = tempfile.mkdtemp(prefix="tfloop-bench-")
-    # restore=None: each timed epoch is a fresh fit call and must not resume from the last one.
+    # restore=None: a new contender (a search candidate, a --rss child) starts fresh.
     checkpointer = tfloop.Checkpointer(
         directory, every_n_steps=100, every_epoch=False, restore=None
     )
@@ -310,11 +410,7 @@ def tfloop_noaccum(setup: Setup, config: Config) -> EpochFn:
 def tfloop_default_ds(setup: Setup, config: Config) -> EpochFn:
     """``Trainer(...).fit(dataset)`` on the shared cached tf.data pipeline."""
     trainer = _tfloop_trainer(setup, config, setup.workload.accumulate_steps)
-
-    def epoch() -> float | None:
-        return _final_loss(trainer.fit(setup.dataset, epochs=1, verbose=0))
-
-    return epoch
+    return _tfloop_driven(trainer, setup.dataset)
 
 
 # --- Matmul peak -----------------------------------------------------------------------------
@@ -371,8 +467,10 @@ KERAS_SEARCH: tuple[Config, ...] = tuple(
     for k in (1, 16, 64, 256)
     for jit in (False, True)
 )
+# jit_compile="auto": XLA where it helps (it turns XLA off for convolutions on a CPU, where XLA
+# runs them ~50x slower; forcing it would make the cnn search take hours).
 TFLOOP_SEARCH: tuple[Config, ...] = tuple(
-    {"steps_per_execution": k, "jit_compile": True} for k in (16, 64, 128, 256)
+    {"steps_per_execution": k, "jit_compile": "auto"} for k in (16, 64, 128, 256)
 )
 
 CONTENDERS: dict[str, Contender] = {

@@ -13,7 +13,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from contenders import CONTENDERS, Config, Contender, EpochFn, FirstStepProbe, Setup
+from contenders import (
+    CONTENDERS,
+    Config,
+    Contender,
+    EpochFn,
+    FirstStepProbe,
+    Setup,
+    close_epoch_fn,
+)
 from workloads import PEAK, Workload
 
 Log = Callable[[str], None]
@@ -135,6 +143,7 @@ def _prepare(
     best: tuple[float, Prepared] | None = None
     for config in contender.configs:
         label = f"{contender.name} {format_config(config)}"
+        candidate = None
         try:
             candidate = Prepared(contender, config, contender.build(setup, config), flops)
             rate = _warm_up(candidate, timer, epochs)
@@ -143,9 +152,15 @@ def _prepare(
             return None
         except Exception as error:
             timer.failure(label, error)
+            if candidate is not None:
+                close_epoch_fn(candidate.epoch)
             continue
         if best is None or rate > best[0]:
+            if best is not None:
+                close_epoch_fn(best[1].epoch)
             best = (rate, candidate)
+        else:
+            close_epoch_fn(candidate.epoch)
     return None if best is None else best[1]
 
 
@@ -187,6 +202,8 @@ def run_workload(
         for prepared in order[shift:] + order[:shift]:
             if prepared.contender.name in run.prepared:
                 _time_rep(run, timer, prepared, rep)
+    for prepared in run.prepared.values():
+        close_epoch_fn(prepared.epoch)
     return run
 
 
@@ -196,6 +213,7 @@ def _time_rep(run: WorkloadRun, timer: _Timer, prepared: Prepared, rep: int) -> 
         timer.epoch(prepared, phase="steady", rep=rep)
     except Exception as error:
         timer.failure(f"{prepared.contender.name} in rep {rep}", error)
+        close_epoch_fn(prepared.epoch)
         del run.prepared[prepared.contender.name]
 
 
@@ -235,6 +253,8 @@ def child_measurement(
     epoch()
     second = time.perf_counter()
     epoch()
+    end = time.perf_counter()
+    close_epoch_fn(epoch)
     return {
         "contender": name,
         "config": config,
@@ -242,5 +262,5 @@ def child_measurement(
         "data_rss_mb": data_rss_mb,
         "first_step_s": probe.seconds,
         "warmup_s": second - start,
-        "warmup_overhead_s": (second - start) - (time.perf_counter() - second),
+        "warmup_overhead_s": (second - start) - (end - second),
     }

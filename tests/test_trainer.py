@@ -333,3 +333,34 @@ def test_non_finite_gradients_are_dropped_in_graph_and_counted(policy):
     assert trainer.first_non_finite_step == 2
     assert int(trainer._non_finite_steps) == 2
     assert np.isfinite(history.history["loss"][0])
+
+
+def conv_model():
+    keras.utils.set_random_seed(0)
+    return keras.Sequential(
+        [
+            keras.Input((6, 6, 1)),
+            keras.layers.Conv2D(2, 3, activation="relu"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3, activation="softmax"),
+        ]
+    )
+
+
+@pytest.mark.skipif(bool(tf.config.list_logical_devices("GPU")), reason="a CPU-only rule")
+def test_jit_auto_runs_convolutions_on_a_cpu_without_xla_and_true_still_uses_it(caplog):
+    rng = np.random.default_rng(0)
+    x = rng.random((16, 6, 6, 1), dtype=np.float32)
+    y = keras.utils.to_categorical(rng.integers(0, 3, 16), 3).astype("float32")
+    caplog.set_level("INFO", logger="tfloop")
+    auto = tfloop.Trainer(conv_model(), "sgd", "categorical_crossentropy")
+    auto.fit((x, y), epochs=2, batch_size=8, verbose=0)
+    auto.evaluate((x, y), batch_size=8)
+    assert auto._loop("train").jit is False
+    assert auto._loop("test").jit is False
+    assert caplog.text.count("runs without XLA: the model has convolution layers (Conv2D)") == 1
+    forced = tfloop.Trainer(conv_model(), "sgd", "categorical_crossentropy", jit_compile=True)
+    forced.fit((x, y), epochs=1, batch_size=8, verbose=0)
+    assert forced._loop("train").jit is True
+    # a model without convolutions keeps XLA under "auto"
+    assert tfloop.Trainer(make_model(), "sgd", "mse")._loop("train").jit is True

@@ -12,7 +12,7 @@ real. The tail of an epoch (fewer than ``K`` batches left) is padded up to ``K``
 the compiled function of the full superbatch; only a batch with a different shape (the last,
 partial batch) gets a trace of its own, cached across epochs.
 
-Example:
+Examples:
     >>> import numpy as np
     >>> from tfloop.data import adapt
     >>> source = adapt((np.zeros((100, 3)), np.zeros(100)), batch_size=32,
@@ -32,6 +32,8 @@ import collections
 import dataclasses
 import logging
 import math
+import threading
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -63,7 +65,7 @@ def unpack_batch(batch: Nested) -> tuple[Nested, Nested, Nested]:
     A tuple of 1, 2 or 3 elements is ``(x,)``, ``(x, y)`` or ``(x, y, sample_weight)``; anything
     else is ``x`` alone (as in Keras).
 
-    Example:
+    Examples:
         >>> unpack_batch((1, 2))
         (1, 2, None)
     """
@@ -222,7 +224,13 @@ def adapt(
         raise DataError(f"{argument} is None: pass (x, y) arrays or a batched tf.data.Dataset.")
     arrays = _standardize_arrays(data, argument)
     return _ArraySource(
-        arrays, batch_size or DEFAULT_BATCH_SIZE, steps_per_execution, shuffle, seed, argument
+        arrays,
+        batch_size or DEFAULT_BATCH_SIZE,
+        steps_per_execution,
+        shuffle,
+        seed,
+        argument,
+        pipelines=_TENSORS.pipelines_for(arrays),
     )
 
 
@@ -249,7 +257,7 @@ def _standardize_arrays(data: Any, argument: str) -> Nested:
                     f"{argument} holds an array of Python objects (dtype=object); convert it "
                     "to a numeric array first (for ragged data, pad it or use a tf.data.Dataset)."
                 )
-            tensor = tf.convert_to_tensor(array)
+            tensor = _TENSORS.convert(array)
         if tensor.dtype.is_floating and tensor.dtype != keras.config.floatx():
             # Keras casts float64 input to floatx too; it halves memory and matches the model.
             tensor = tf.cast(tensor, keras.config.floatx())
@@ -307,6 +315,124 @@ def _flatten_with_paths(node: Any, path: str = "") -> list[tuple[str, Any]]:
     return [(path, node)]
 
 
+class _TensorCache:
+    """The tensors of read-only NumPy arrays, converted once and reused by every later call.
+
+    Converting an array to a tensor copies it: tens to hundreds of milliseconds per 100 MB, paid
+    on every ``fit`` / ``evaluate`` call. An array that cannot change is converted once instead,
+    and kept while the array is alive: one that is read-only (``flags.writeable`` False, and so
+    is every array it is a view of), C-contiguous and already of the dtype tfloop would give it
+    (floats in ``keras.config.floatx()``). The entry is keyed on the array's identity and
+    checked against its memory address, shape, strides and dtype, so a new array that reuses a
+    freed array's id is never mistaken for it; it is dropped when the array is garbage-collected.
+    Writable arrays are converted on every call, as they may have changed in place. (A view that
+    was made writable before its base was made read-only can still change it; such an array
+    must be passed writable.)
+
+    The entry of an input's first array also keeps the epoch pipelines made over those tensors
+    (see :class:`_EpochPipeline`), so a later call with the same arrays reuses them as well.
+    """
+
+    MAX_PIPELINES = 2  # per cached array: a fit's training and validation pipelines, say
+
+    def __init__(self) -> None:
+        self._entries: dict[int, _CacheEntry] = {}
+        self._by_tensor: dict[int, _CacheEntry] = {}
+        # Reentrant: a garbage collection inside a locked region may run a weakref callback.
+        self._lock = threading.RLock()
+
+    def convert(self, array: np.ndarray) -> tf.Tensor:
+        """``tf.convert_to_tensor(array)``, from the cache when the array cannot change."""
+        if not _is_immutable(array):
+            return tf.convert_to_tensor(array)
+        signature = _array_signature(array)
+        with self._lock:
+            entry = self._entries.get(id(array))
+            if entry is not None and entry.ref() is array and entry.signature == signature:
+                return entry.tensor
+        tensor = tf.convert_to_tensor(array)
+        key = id(array)
+        ref = weakref.ref(array, lambda r: self._drop(key, r))
+        with self._lock:
+            self._drop_locked(key, None)
+            entry = _CacheEntry(ref, signature, tensor)
+            self._entries[key] = entry
+            self._by_tensor[id(tensor)] = entry
+        return tensor
+
+    def pipelines_for(self, arrays: Nested) -> dict[Any, _EpochPipeline]:
+        """Where the epoch pipelines over ``arrays`` are kept: shared across calls when every
+        tensor came from this cache, else a new dict (reused across the epochs of one call)."""
+        leaves = tf.nest.flatten(arrays)
+        with self._lock:
+            entries = [self._by_tensor.get(id(t)) for t in leaves]
+            if any(e is None or e.tensor is not t for e, t in zip(entries, leaves, strict=True)):
+                return {}
+            first = entries[0]
+            assert first is not None
+            key = (tf.nest.map_structure(lambda _: None, arrays), tuple(id(t) for t in leaves))
+            if key not in first.pipelines:
+                while len(first.pipelines) >= self.MAX_PIPELINES:
+                    first.pipelines.pop(next(iter(first.pipelines)))
+                first.pipelines[key] = {}
+            return first.pipelines[key]
+
+    def _drop(self, key: int, ref: weakref.ref[np.ndarray]) -> None:
+        with self._lock:
+            self._drop_locked(key, ref)
+
+    def _drop_locked(self, key: int, ref: weakref.ref[np.ndarray] | None) -> None:
+        entry = self._entries.get(key)
+        if entry is not None and (ref is None or entry.ref is ref):
+            del self._entries[key]
+            self._by_tensor.pop(id(entry.tensor), None)
+
+    def clear(self) -> None:
+        """Forgets every cached tensor and pipeline."""
+        with self._lock:
+            self._entries.clear()
+            self._by_tensor.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+@dataclasses.dataclass
+class _CacheEntry:
+    ref: weakref.ref[np.ndarray]
+    signature: tuple[Any, ...]
+    tensor: tf.Tensor
+    pipelines: dict[Any, dict[Any, _EpochPipeline]] = dataclasses.field(default_factory=dict)
+
+
+def _is_immutable(array: np.ndarray) -> bool:
+    """Read-only all the way down its bases, C-contiguous, and of its final dtype."""
+    if not array.flags.c_contiguous:
+        return False
+    if array.dtype.kind == "f" and array.dtype != np.dtype(keras.config.floatx()):
+        return False
+    if array.dtype.kind not in "biuf":
+        return False
+    node: Any = array
+    while isinstance(node, np.ndarray):
+        if node.flags.writeable:
+            return False
+        node = node.base
+    if node is None:
+        return True
+    try:  # the memory's owner (bytes, an mmap, ...) must be read-only too
+        return bool(memoryview(node).readonly)
+    except TypeError:
+        return False
+
+
+def _array_signature(array: np.ndarray) -> tuple[Any, ...]:
+    return (array.ctypes.data, array.shape, array.strides, array.dtype.str)
+
+
+_TENSORS = _TensorCache()
+
+
 class _ArraySource(DataSource):
     def __init__(
         self,
@@ -316,6 +442,7 @@ class _ArraySource(DataSource):
         shuffle: bool,
         seed: int,
         argument: str,
+        pipelines: dict[Any, _EpochPipeline] | None = None,
     ) -> None:
         self.arrays = arrays
         self.num_examples = int(tf.nest.flatten(arrays)[0].shape[0])
@@ -332,6 +459,9 @@ class _ArraySource(DataSource):
         # from_tensors keeps one reference to the arrays; a captured constant would be copied
         # into the dataset graph (and hit the 2 GB graph limit for large arrays).
         self._arrays_dataset = tf.data.Dataset.from_tensors(arrays).repeat()
+        # Whole epochs come from an _EpochPipeline, per (K, seed, shuffle): kept across epochs,
+        # and across calls for cached arrays (see _TensorCache).
+        self._pipelines = {} if pipelines is None else pipelines
 
     def example_batch(self) -> Nested:
         return tf.nest.map_structure(lambda t: t[: self.examples_per_batch], self.arrays)
@@ -346,9 +476,19 @@ class _ArraySource(DataSource):
         )
 
     def stream(self, epoch: int, start_step: int = 0) -> StepStream:
-        return StepStream(
-            ([piece] for piece in self._pieces(epoch, start_step)), self.steps_per_execution
-        )
+        # A whole epoch comes from the long-lived pipeline; a resumed one is made on its own.
+        pieces = self._pieces(epoch, start_step) if start_step else self._pipeline().epoch(epoch)
+        return StepStream(([piece] for piece in pieces), self.steps_per_execution)
+
+    def _pipeline(self) -> _EpochPipeline:
+        key = (self.steps_per_execution, self.examples_per_batch, self.shuffle, self.seed)
+        with _PIPELINES_LOCK:
+            pipeline = self._pipelines.get(key)
+            if pipeline is None:
+                while len(self._pipelines) >= _TensorCache.MAX_PIPELINES:
+                    self._pipelines.pop(next(iter(self._pipelines)))
+                pipeline = self._pipelines[key] = _EpochPipeline(self)
+        return pipeline
 
     def _pieces(self, epoch: int, start_step: int) -> Iterator[Piece]:
         k, b, n = self.steps_per_execution, self.examples_per_batch, self.num_examples
@@ -400,6 +540,94 @@ class _ArraySource(DataSource):
         # sequential map, run ahead by the prefetch, keeps up; parallel calls only compete with
         # the training steps for the cores.
         return tf.data.Dataset.zip((indices, self._arrays_dataset)).map(gather)
+
+
+class _EpochPipeline:
+    """One ``tf.data`` pipeline that makes the pieces of every epoch, from a given epoch on.
+
+    It yields exactly what ``_ArraySource._pieces(epoch, 0)`` does, epoch after epoch: the same
+    ``(seed, epoch)`` shuffle, the same index rows and gathers. Built and started once, it saves
+    each epoch the pipeline's construction, the tracing of its functions and the start of its
+    iterator (about 20 ms), and the next epoch's first superbatch is prefetched while the last
+    one trains. A stream that reads a whole epoch hands the iterator back, positioned at the
+    next epoch; a stream for any other epoch, or one started while the iterator is out (a
+    stream left unfinished, a second stream at once), gets a new iterator, so every stream sees
+    exactly the pieces of its own epoch.
+    """
+
+    def __init__(self, source: _ArraySource) -> None:
+        self.steps_per_execution = source.steps_per_execution
+        self.examples_per_batch = source.examples_per_batch
+        self.num_examples = source.num_examples
+        self.shuffle = source.shuffle
+        self.seed = source.seed
+        self._arrays_dataset = source._arrays_dataset
+        self._lock = threading.Lock()
+        self._parked: tuple[int, Any] | None = None  # (the epoch it starts, the iterator)
+        k, b, n = self.steps_per_execution, self.examples_per_batch, self.num_examples
+        full_batches, self._partial = divmod(n, b)
+        self._full_pieces, self._rest = divmod(full_batches, k)
+        self.steps = [k] * self._full_pieces + [self._rest] * bool(self._rest)
+        self.steps += [1] * bool(self._partial)
+
+    def epoch(self, epoch: int) -> Iterator[Piece]:
+        """The pieces of one whole epoch."""
+        with self._lock:
+            parked, self._parked = self._parked, None
+        if parked is not None and (parked[0] == epoch or not self.shuffle):
+            iterator = parked[1]
+        else:
+            iterator = iter(self._dataset(epoch))
+        last = len(self.steps) - 1
+        for index, count in enumerate(self.steps):
+            data = next(iterator)
+            if index == last:
+                with self._lock:
+                    self._parked = (epoch + 1, iterator)
+            yield Piece(data, count)
+
+    def _dataset(self, first_epoch: int) -> tf.data.Dataset:
+        k, b, n = self.steps_per_execution, self.examples_per_batch, self.num_examples
+        full_pieces, rest, partial = self._full_pieces, self._rest, self._partial
+        full_batches = full_pieces * k + rest
+        seed, shuffle = self.seed, self.shuffle
+
+        @tf.autograph.experimental.do_not_convert  # type: ignore[untyped-decorator]
+        def index_rows(epoch: tf.Tensor) -> tf.data.Dataset:
+            # The same index rows as _ArraySource._pieces(epoch, 0), one per piece.
+            order = tf.range(n, dtype=tf.int64)
+            if shuffle:
+                seeds = tf.stack([tf.constant(seed, tf.int64), epoch])
+                order = tf.random.experimental.stateless_shuffle(order, seed=seeds)
+            rows = []
+            if full_pieces:
+                region = order[: full_pieces * k * b]
+                rows.append(tf.data.Dataset.from_tensor_slices(tf.reshape(region, [-1, k * b])))
+            if rest:
+                tail = order[full_pieces * k * b : full_batches * b]
+                rows.append(tf.data.Dataset.from_tensors(tf.pad(tail, [[0, (k - rest) * b]])))
+            if partial:
+                last = tf.pad(order[full_batches * b :], [[0, (k - 1) * partial]])
+                rows.append(tf.data.Dataset.from_tensors(last))
+            dataset = rows[0]
+            for more in rows[1:]:
+                dataset = dataset.concatenate(more)
+            return dataset
+
+        @tf.autograph.experimental.do_not_convert  # type: ignore[untyped-decorator]
+        def gather(indices: tf.Tensor, arrays: Nested) -> Nested:
+            return tf.nest.map_structure(
+                lambda t: tf.reshape(tf.gather(t, indices), [k, -1, *t.shape[1:].as_list()]),
+                arrays,
+            )
+
+        epochs = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max)
+        indices = epochs.flat_map(index_rows)
+        dataset = tf.data.Dataset.zip((indices, self._arrays_dataset)).map(gather)
+        return dataset.prefetch(2).with_options(_array_pipeline_options())
+
+
+_PIPELINES_LOCK = threading.Lock()
 
 
 def _array_pipeline_options() -> tf.data.Options:
