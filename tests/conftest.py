@@ -9,7 +9,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from hypothesis import HealthCheck, settings
+
+# Two logical CPU devices, so MirroredStrategy really splits batches (test_distribute.py). This
+# must happen before TensorFlow initializes its devices; ops still run on the first one.
+_cpus = tf.config.list_physical_devices("CPU")
+tf.config.set_logical_device_configuration(
+    _cpus[0], [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()]
+)
 
 settings.register_profile(
     "tfloop",

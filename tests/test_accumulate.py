@@ -152,3 +152,59 @@ def test_mixed_float16_with_loss_scaling_and_accumulation():
     assert all(v.dtype == "float32" for v in model.trainable_variables)
     assert all(np.isfinite(w).all() for w in weights_of(model))
     assert history.history["loss"][-1] < history.history["loss"][0]
+
+
+@pytest.mark.parametrize("accumulate_steps", [1, 3])
+def test_clipping_acts_on_the_unscaled_gradient_under_loss_scaling(accumulate_steps):
+    # A LossScaleOptimizer gets gradients multiplied by its scale; clipping them to the
+    # user's limit as they are would shrink every update by that scale.
+    x, y = make_data(48)
+    results = []
+    for scaled in (False, True):
+        model = make_model()
+        optimizer = keras.optimizers.SGD(0.5)
+        if scaled:
+            optimizer = keras.optimizers.LossScaleOptimizer(
+                optimizer, initial_scale=1024.0, dynamic_growth_steps=10**6
+            )
+        trainer = tfloop.Trainer(
+            model,
+            optimizer,
+            "categorical_crossentropy",
+            accumulate_steps=accumulate_steps,
+            clip_global_norm=0.01,
+            seed=0,
+        )
+        trainer.fit((x, y), epochs=2, batch_size=8, verbose=0)
+        results.append(weights_of(model))
+    assert_weights_equal(results[1], results[0], rtol=1e-5, atol=1e-7)
+
+
+@given(n=st.integers(8, 60), micro=st.integers(1, 7), k=st.integers(2, 5))
+def test_drop_remainder_discards_the_partial_last_window(n, micro, k):
+    x, y = make_data(n)
+    micro_batches = -(-n // micro)
+    full_windows = micro_batches // k
+    model = make_model()
+    trainer = tfloop.Trainer(
+        model,
+        keras.optimizers.get("sgd"),
+        "categorical_crossentropy",
+        accumulate_steps=k,
+        drop_remainder=True,
+        jit_compile=False,
+    )
+    trainer.fit((x, y), epochs=2, batch_size=micro, shuffle=False, verbose=0)
+    assert int(trainer.optimizer.iterations) == 2 * full_windows
+    # The same as big batches over the examples of the full windows only.
+    kept = n if micro_batches % k == 0 else full_windows * k * micro
+    if kept == 0:
+        assert_weights_equal(weights_of(model), weights_of(make_model()))
+        return
+    _, expected = fit((x[:kept], y[:kept]), batch_size=micro * k, accumulate=1, optimizer="sgd")
+    assert_weights_equal(weights_of(model), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_drop_remainder_must_be_a_bool():
+    with pytest.raises(ConfigError, match="drop_remainder must be True or False"):
+        tfloop.Trainer(make_model(), "sgd", "mse", accumulate_steps=2, drop_remainder="yes")

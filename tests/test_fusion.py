@@ -130,3 +130,76 @@ def test_fused_evaluate_and_predict_equal_unfused(n, batch_size, steps):
     np.testing.assert_allclose(
         fused.predict(x, batch_size=batch_size), direct, rtol=1e-5, atol=1e-6
     )
+
+
+def test_fit_per_epoch_equals_one_multi_epoch_fit_and_reuses_read_only_arrays(monkeypatch):
+    from tfloop import data as data_lib
+
+    x, y = make_data(61)
+    whole, whole_weights, _ = train(x, y, steps=3, jit=False, batch_size=8, epochs=3)
+    dry_runs = []
+    original = tfloop.Trainer._check_model_accepts
+    monkeypatch.setattr(
+        tfloop.Trainer,
+        "_check_model_accepts",
+        lambda self, batch: dry_runs.append(1) or original(self, batch),
+    )
+    for read_only in (False, True):
+        xs, ys = x.copy(), y.copy()
+        if read_only:
+            xs.setflags(write=False)
+            ys.setflags(write=False)
+        model = make_model()
+        trainer = tfloop.Trainer(
+            model,
+            "adam",
+            "categorical_crossentropy",
+            ["accuracy"],
+            steps_per_execution=3,
+            jit_compile=False,
+            seed=1,
+        )
+        dry_runs.clear()
+        for epoch in range(3):  # one fit per epoch: the shuffle order depends on (seed, epoch)
+            trainer.fit((xs, ys), epochs=epoch + 1, initial_epoch=epoch, batch_size=8, verbose=0)
+        assert_weights_equal(whole_weights, weights_of(model))
+        assert len(dry_runs) == 1  # the same input signature is checked once per trainer
+        tensor = data_lib._TENSORS.convert(xs)
+        assert (tensor is data_lib._TENSORS.convert(xs)) is read_only
+    assert int(whole.optimizer.iterations) == 3 * 8
+
+
+def test_step_override_that_returns_nothing_adds_no_logs():
+    class Quiet(tfloop.Trainer):
+        def train_step(self, batch):
+            super().train_step(batch)
+
+        def test_step(self, batch):
+            super().test_step(batch)
+
+    x, y = make_data(40)
+    model = make_model()
+    before = weights_of(model)
+    trainer = Quiet(model, "sgd", "categorical_crossentropy")
+    history = trainer.fit((x, y), batch_size=8, verbose=0, validation_data=(x, y))
+    assert set(history.history) == {"loss", "val_loss"}
+    assert not np.array_equal(weights_of(model)[0], before[0])
+
+
+def test_a_train_step_override_needs_no_loss():
+    # A step that computes its own loss (loss=None, compute_loss not overridden) trains.
+    class OwnLoss(tfloop.Trainer):
+        def train_step(self, batch):
+            x, y = batch
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(tf.square(self.model(x, training=True) - y))
+            grads = tape.gradient(loss, self.trainable_variables)
+            self.apply_gradients(grads, weight=tf.cast(tf.shape(x)[0], tf.float32))
+            return {"own_loss": loss}
+
+    x, y = make_data(40)
+    model = make_model()
+    before = weights_of(model)
+    history = OwnLoss(model, "sgd").fit((x, y), batch_size=8, epochs=2, verbose=0)
+    assert len(history.history["own_loss"]) == 2
+    assert not np.array_equal(weights_of(model)[0], before[0])

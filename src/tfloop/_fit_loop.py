@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from tfloop import data as data_lib
-from tfloop.callbacks import CallbackList
+from tfloop.callbacks import Callback, CallbackList
 from tfloop.checkpoint import _CORRUPT_ERRORS, Checkpointer
 from tfloop.errors import CheckpointError, DataError, _first_line
 
@@ -81,11 +81,12 @@ class FitLoop:
             first = self.plan.source.example_batch()
         if first is None:
             raise DataError("data yielded no batches; pass a non-empty dataset.")
-        self.trainer._build(first, training=True)
+        with self.trainer._scope():
+            self.trainer._build(first, training=True)
         if checkpointer is not None:
             checkpointer._attach(self.trainer)
             self._restore(checkpointer, candidates)
-        self.step = int(self.trainer.optimizer.iterations)
+        self.step = int(self.trainer.optimizer.iterations.numpy())
         self.train = self.trainer._loop("train")
 
     def _stream(self, epoch: int, start_step: int) -> data_lib.StepStream:
@@ -204,9 +205,12 @@ class FitLoop:
                     self.stream = None
                 if checkpointer is not None and checkpointer.every_epoch:
                     self._save(logs)
+            if checkpointer is not None:
+                checkpointer.wait()  # the last checkpoint is complete before fit ends
             self.callbacks.on_fit_end({})
         finally:
             if checkpointer is not None:
+                checkpointer.wait(raise_error=False)  # only left pending if fit is raising
                 checkpointer.uninstall_signal_handlers()
         if checkpointer is not None and checkpointer.preempted:
             trainer.preempted = True
@@ -300,6 +304,8 @@ class FitLoop:
             stream_seeds=None if self.stream is None else self.stream.seeds_at_creation,
         )
         if path is not None:
+            if any(_defines_on_checkpoint(callback) for callback in self.callbacks.callbacks):
+                checkpointer.wait()  # on_checkpoint is promised a complete checkpoint
             self.callbacks.on_checkpoint(path, logs)
 
 
@@ -311,6 +317,10 @@ def _warn_corrupt(path: str, error: BaseException) -> None:
         type(error).__name__,
         message,
     )
+
+
+def _defines_on_checkpoint(callback: Any) -> bool:
+    return type(callback).on_checkpoint is not Callback.on_checkpoint
 
 
 def _keyed(callbacks: Any) -> list[tuple[str, Any]]:

@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 import tensorflow as tf
 
-from tfloop.errors import _first_line
+from tfloop import _distribute
+from tfloop._config import _auto_jit_compile
+from tfloop.errors import WorkerError, _first_line
 
 if TYPE_CHECKING:
     from tfloop.trainer import Trainer
@@ -36,6 +38,23 @@ _XLA_ERRORS = (
 )
 
 
+# What collectives raise when a peer worker dies (after TF's heartbeat timeout).
+_PEER_ERRORS = (
+    tf.errors.UnavailableError,
+    tf.errors.DeadlineExceededError,
+    tf.errors.CancelledError,
+    tf.errors.AbortedError,
+)
+
+
+def _peer_reason(error: BaseException) -> str:
+    """The line of a collective's error that says which task failed (TF buries it)."""
+    for line in str(error).splitlines():
+        if "unhealthy" in line or "aborted" in line.lower() or "Error reported" in line:
+            return line.strip()[:300]
+    return _first_line(error)
+
+
 def _batch_spec(superbatch: Nested) -> Nested:
     return tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape[1:], t.dtype), superbatch)
 
@@ -43,9 +62,13 @@ def _batch_spec(superbatch: Nested) -> Nested:
 def _output_spec(step: StepFunction, superbatch: Nested) -> Nested:
     """The structure a step method returns, found by tracing it once (nothing is run)."""
     concrete = tf.function(step).get_concrete_function(_batch_spec(superbatch))
-    return tf.nest.map_structure(
-        lambda t: tf.TensorSpec(t.shape, t.dtype), concrete.structured_outputs
-    )
+    return _specs(concrete.structured_outputs)
+
+
+def _specs(outputs: Nested) -> Nested | None:
+    if outputs is None:  # a step method that returns nothing adds nothing to the logs
+        return None
+    return tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape, t.dtype), outputs)
 
 
 def _zeros(spec: Nested, what: str) -> Nested:
@@ -71,18 +94,55 @@ class CompiledLoop:
         self.trainer = trainer
         self.kind = kind
         self.auto = jit_compile == "auto"
-        self.jit = bool(jit_compile) if not self.auto else True
+        self.jit = bool(jit_compile) if not self.auto else _auto_jit_compile(trainer.model)
         self._function: Any = None
 
     def _build(self) -> Any:
+        if self.trainer.strategy is not None:
+            distributed = {
+                "train": _distributed_train_function,
+                "test": _distributed_test_function,
+                "predict": _distributed_predict_function,
+            }
+            return distributed[self.kind](self.trainer, self._replica_jit())
         builders = {"train": _train_function, "test": _test_function, "predict": _predict_function}
         return builders[self.kind](self.trainer, self.jit)
+
+    def _replica_jit(self) -> bool:
+        # Under a strategy XLA compiles each replica's step (the loop itself holds the
+        # cross-replica calls). "auto" turns it on for GPUs and TPUs only: XLA on CPU cannot
+        # reach the variables of a second (logical) CPU device.
+        strategy = self.trainer.strategy
+        assert strategy is not None
+        if self.auto:
+            return _distribute.uses_accelerators(strategy)
+        return self.jit
 
     def __call__(self, superbatch: Nested, start: int, stop: int, *extra: Any) -> Any:
         if self._function is None:
             self._function = self._build()
         bounds = (tf.constant(start, tf.int32), tf.constant(stop, tf.int32))
         extra = tuple(tf.constant(e, tf.int32) for e in extra)
+        strategy = self.trainer.strategy
+        if strategy is not None:
+            if self.kind == "predict":
+                # The global batch size, to lay out the gathered outputs.
+                extra = (tf.constant(int(tf.nest.flatten(superbatch)[0].shape[1]), tf.int32),)
+            # Called outside strategy.scope(): there, Keras's optimizer would ask for a
+            # merge_call, which cross-replica context (where updates are applied) has not.
+            try:
+                return self._function(
+                    _distribute.split_superbatch(strategy, superbatch), *bounds, *extra
+                )
+            except _PEER_ERRORS as error:
+                if not _distribute.is_multi_worker(strategy):
+                    raise
+                raise WorkerError(
+                    f"a worker of the cluster failed or stopped responding during the "
+                    f"{self.kind} step ({type(error).__name__}: {_peer_reason(error)}). "
+                    "Checkpoints already written are intact: restart every worker with the "
+                    "same command to resume from the latest one."
+                ) from error
         try:
             return self._function(superbatch, *bounds, *extra)
         except _XLA_ERRORS as error:
@@ -126,12 +186,16 @@ def _train_function(trainer: Trainer, jit: bool) -> Any:
     def train_steps(data: Nested, start: tf.Tensor, stop: tf.Tensor, flush_at: tf.Tensor) -> Any:
         step_spec = _step_logs_spec(trainer, "train_step", data)
         step_logs = _zeros(step_spec, "train_step") if step_spec is not None else {}
-        for i in tf.range(start, stop):
+        # A while loop, not `for i in tf.range(start, stop)`: XLA would take the trip count
+        # as a compile-time constant and compile again for every new chunk length.
+        i = start
+        while i < stop:
             batch = tf.nest.map_structure(lambda t: t[i], data)  # noqa: B023
             with _window_end(trainer, tf.equal(i, flush_at)):
                 outputs = trainer.train_step(batch)
             if step_spec is not None:
                 step_logs = outputs
+            i += 1
         return trainer._results(), step_logs
 
     return tf.function(train_steps, jit_compile=jit)
@@ -141,10 +205,14 @@ def _test_function(trainer: Trainer, jit: bool) -> Any:
     def test_steps(data: Nested, start: tf.Tensor, stop: tf.Tensor) -> Any:
         step_spec = _step_logs_spec(trainer, "test_step", data)
         step_logs = _zeros(step_spec, "test_step") if step_spec is not None else {}
-        for i in tf.range(start, stop):
+        # A while loop, not `for i in tf.range(start, stop)`: XLA would take the trip count
+        # as a compile-time constant and compile again for every new chunk length.
+        i = start
+        while i < stop:
             outputs = trainer.test_step(tf.nest.map_structure(lambda t: t[i], data))  # noqa: B023
             if step_spec is not None:
                 step_logs = outputs
+            i += 1
         return trainer._results(), step_logs
 
     return tf.function(test_steps, jit_compile=jit)
@@ -159,13 +227,17 @@ def _predict_function(trainer: Trainer, jit: bool) -> Any:
         buffers = tf.nest.map_structure(
             lambda s: tf.zeros([steps, *s.shape.as_list()], s.dtype), spec
         )
-        for i in tf.range(start, stop):
+        # A while loop, not `for i in tf.range(start, stop)`: XLA would take the trip count
+        # as a compile-time constant and compile again for every new chunk length.
+        i = start
+        while i < stop:
             outputs = trainer.predict_step(tf.nest.map_structure(lambda t: t[i], data))  # noqa: B023
             buffers = tf.nest.map_structure(
                 lambda buffer, out: tf.tensor_scatter_nd_update(buffer, [[i]], out[None]),  # noqa: B023
                 buffers,
                 outputs,
             )
+            i += 1
         return buffers
 
     return tf.function(predict_steps, jit_compile=jit)
@@ -179,3 +251,124 @@ def _window_end(trainer: Trainer, flag: tf.Tensor) -> Iterator[None]:
         yield
     finally:
         trainer._closes_window = None
+
+
+# ------------------------------------------------------------------ under a tf.distribute strategy
+# The loop runs in cross-replica context and calls ``strategy.run`` once per step; see
+# _distribute.py for why, and for how the superbatch is split.
+
+
+def _replica_batch(data: Nested, i: tf.Tensor) -> Nested:
+    return tf.nest.map_structure(lambda t: t[i], data)
+
+
+def _local_spec(trainer: Trainer, method: str, data: Nested) -> Nested | None:
+    """The spec of what an overridden step method returns on one replica (``None``: not
+    overridden). Traced inside ``strategy.run``: the step updates on-read variables, which
+    only replica context allows."""
+    from tfloop.trainer import Trainer
+
+    strategy = trainer.strategy
+    assert strategy is not None
+    if getattr(type(trainer), method) is getattr(Trainer, method):
+        return None
+
+    def one_replica(batch: Nested) -> Nested:
+        outputs = strategy.run(getattr(trainer, method), args=(batch,))
+        trainer._step_kept = trainer._step_bad = None
+        return _distribute.first_local(strategy, outputs)
+
+    local = _distribute.first_local(strategy, data)
+    concrete = tf.function(one_replica).get_concrete_function(_batch_spec(local))
+    return _specs(concrete.structured_outputs)
+
+
+def _mean_over_replicas(trainer: Trainer, outputs: Nested) -> Nested:
+    strategy = trainer.strategy
+    assert strategy is not None
+    return tf.nest.map_structure(
+        lambda v: strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None), outputs
+    )
+
+
+def _distributed_train_function(trainer: Trainer, jit: bool) -> Any:
+    strategy = trainer.strategy
+    assert strategy is not None
+    skips = trainer.non_finite != "ignore"
+
+    def replica_step(data: Nested, i: tf.Tensor) -> Any:
+        outputs = trainer.train_step(_replica_batch(data, i))
+        kept, bad = trainer._step_kept, trainer._step_bad
+        trainer._step_kept = trainer._step_bad = None
+        if skips:
+            return outputs, (kept, bad)
+        return outputs, None
+
+    step = tf.function(replica_step, jit_compile=True) if jit else replica_step
+
+    def train_steps(data: Nested, start: tf.Tensor, stop: tf.Tensor, flush_at: tf.Tensor) -> Any:
+        step_spec = _local_spec(trainer, "train_step", data)
+        step_logs = _zeros(step_spec, "train_step") if step_spec is not None else {}
+        for i in tf.range(start, stop):
+            outputs, flags = strategy.run(step, args=(data, i))
+            if flags is not None:
+                trainer._record_dropped(*_distribute.first_local(strategy, flags))
+            if trainer._uses_window():
+                trainer._close_window(tf.equal(i, flush_at))
+            if step_spec is not None:
+                step_logs = _mean_over_replicas(trainer, outputs)
+        return trainer._results(), step_logs
+
+    return tf.function(train_steps)
+
+
+def _distributed_test_function(trainer: Trainer, jit: bool) -> Any:
+    strategy = trainer.strategy
+    assert strategy is not None
+
+    def replica_step(data: Nested, i: tf.Tensor) -> Any:
+        return trainer.test_step(_replica_batch(data, i))
+
+    step = tf.function(replica_step, jit_compile=True) if jit else replica_step
+
+    def test_steps(data: Nested, start: tf.Tensor, stop: tf.Tensor) -> Any:
+        step_spec = _local_spec(trainer, "test_step", data)
+        step_logs = _zeros(step_spec, "test_step") if step_spec is not None else {}
+        for i in tf.range(start, stop):
+            outputs = strategy.run(step, args=(data, i))
+            if step_spec is not None:
+                step_logs = _mean_over_replicas(trainer, outputs)
+        return trainer._results(), step_logs
+
+    return tf.function(test_steps)
+
+
+def _distributed_predict_function(trainer: Trainer, jit: bool) -> Any:
+    strategy = trainer.strategy
+    assert strategy is not None
+
+    def replica_step(data: Nested, i: tf.Tensor) -> Any:
+        return trainer.predict_step(_replica_batch(data, i))
+
+    step = tf.function(replica_step, jit_compile=True) if jit else replica_step
+
+    def predict_steps(data: Nested, start: tf.Tensor, stop: tf.Tensor, batch: tf.Tensor) -> Nested:
+        local = _distribute.first_local(strategy, data)
+        spec = _output_spec(trainer.predict_step, local)
+        steps = int(tf.nest.flatten(local)[0].shape[0])
+        # Each step's outputs are the replicas' outputs concatenated in replica order (the
+        # order the superbatch was split in), gathered across workers too.
+        buffers = tf.nest.map_structure(
+            lambda s: tf.zeros(tf.concat([[steps, batch], s.shape[1:]], 0), s.dtype), spec
+        )
+        for i in tf.range(start, stop):
+            outputs = strategy.run(step, args=(data, i))
+            gathered = tf.nest.map_structure(lambda v: strategy.gather(v, axis=0), outputs)
+            buffers = tf.nest.map_structure(
+                lambda buffer, out: tf.tensor_scatter_nd_update(buffer, [[i]], out[None]),  # noqa: B023
+                buffers,
+                gathered,
+            )
+        return buffers
+
+    return tf.function(predict_steps)

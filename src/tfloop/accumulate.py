@@ -15,11 +15,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import keras
 import tensorflow as tf
 
+from tfloop._distribute import ON_READ, reset_on_read
 from tfloop.errors import ConfigError
 
 __all__ = ["GradientAccumulator"]
+
+_ONLY_FIRST = tf.VariableAggregation.ONLY_FIRST_REPLICA
 
 
 def _validate_steps(steps: object, name: str = "steps") -> int:
@@ -31,18 +35,38 @@ def _validate_steps(steps: object, name: str = "steps") -> int:
     return steps
 
 
+def clip_gradients(gradients: list[Any], clip_global_norm: float | None, optimizer: Any) -> Any:
+    """Clips ``gradients`` to a global norm, measured on the *unscaled* gradient.
+
+    A ``LossScaleOptimizer`` receives gradients still multiplied by its loss scale and divides
+    them itself; the limit is scaled the same way, so the clip acts on the true gradient.
+    """
+    if clip_global_norm is None:
+        return gradients
+    limit: Any = clip_global_norm
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        limit = clip_global_norm * tf.cast(optimizer.dynamic_scale, tf.float32)
+    clipped, _ = tf.clip_by_global_norm(gradients, limit)
+    return clipped
+
+
 class GradientAccumulator(tf.Module):  # type: ignore[misc]
     """Sums weighted gradients over a window of micro-batches and applies their exact mean.
 
     State lives in non-trainable ``tf.Variable`` s, so it works inside any ``tf.function``
     (XLA included) and is saved by ``tf.train.Checkpoint``: a run resumed mid-window is exact.
 
+    Under a ``tf.distribute`` strategy (created inside ``strategy.scope()``), the sums are
+    on-read variables: each replica calls ``accumulate`` with its own share of the batch in
+    replica context, and ``apply`` (called in cross-replica context) reads the *global* sums, so
+    the update is divided by the global example count and clipped after the reduction.
+
     Args:
         variables: the trainable variables the gradients belong to (same order as the gradients).
         steps: micro-batches per update (``k``); ``ready`` turns true when ``k`` are accumulated.
         name: name of the module.
 
-    Example:
+    Examples:
         >>> import tensorflow as tf, keras, tfloop
         >>> w = tf.Variable([1.0])
         >>> acc = tfloop.GradientAccumulator([w], steps=2)
@@ -64,19 +88,29 @@ class GradientAccumulator(tf.Module):  # type: ignore[misc]
                 "variables is empty: there is nothing to accumulate gradients for. Pass the "
                 "model's trainable_variables (and check that the model has trainable weights)."
             )
+        # Under a strategy each replica keeps its own sums; reading them across replicas sums.
+        distributed = tf.distribute.has_strategy()
+        summed: dict[str, Any] = {}
+        first: dict[str, Any] = {}
+        if distributed:
+            summed = {"synchronization": ON_READ, "aggregation": tf.VariableAggregation.SUM}
+            first = {"synchronization": ON_READ, "aggregation": _ONLY_FIRST}
         with tf.init_scope(), tf.name_scope(self.name):
             self._sums = [
                 tf.Variable(
-                    tf.zeros(tuple(v.shape), dtype=v.dtype), trainable=False, name="gradient_sum"
+                    tf.zeros(tuple(v.shape), dtype=v.dtype),
+                    trainable=False,
+                    name="gradient_sum",
+                    **summed,
                 )
                 for v in self._variables
             ]
             # float64 keeps the running total exact for any realistic example count.
             self.total_weight = tf.Variable(
-                tf.constant(0.0, tf.float64), trainable=False, name="total_weight"
+                tf.constant(0.0, tf.float64), trainable=False, name="total_weight", **summed
             )
             self.count = tf.Variable(
-                tf.constant(0, tf.int64), trainable=False, name="micro_batches"
+                tf.constant(0, tf.int64), trainable=False, name="micro_batches", **first
             )
 
     @property
@@ -84,11 +118,14 @@ class GradientAccumulator(tf.Module):  # type: ignore[misc]
         """A bool tensor: ``steps`` micro-batches have been accumulated."""
         return self.count >= self.steps
 
-    def accumulate(self, gradients: Sequence[Any], weight: Any) -> None:
+    def accumulate(self, gradients: Sequence[Any], weight: Any, keep: Any = None) -> None:
         """Adds ``weight * g`` for each gradient ``g`` (``None`` gradients are skipped).
 
         ``gradients`` are of the micro-batch's *mean* loss; ``weight`` is its number of examples
-        (or the sum of its sample weights, if the mean was taken over that sum).
+        (or the sum of its sample weights, if the mean was taken over that sum). ``keep``, a
+        bool tensor, drops the micro-batch when false without any control flow (under a
+        strategy a replica's ``tf.cond`` must not hold a synchronization point); dropped
+        gradients may be NaN or Inf, they never reach the sums.
         """
         if len(gradients) != len(self._variables):
             raise ConfigError(
@@ -96,13 +133,18 @@ class GradientAccumulator(tf.Module):  # type: ignore[misc]
                 f"{len(self._variables)} variables; pass one gradient per variable, in order."
             )
         weight = tf.convert_to_tensor(weight)
+        if keep is not None:
+            weight = tf.where(keep, weight, tf.zeros_like(weight))
         for total, grad in zip(self._sums, gradients, strict=False):
             if grad is None:
                 continue
             grad = tf.convert_to_tensor(grad)  # densifies IndexedSlices
-            total.assign_add(grad * tf.cast(weight, total.dtype))
+            added = grad * tf.cast(weight, total.dtype)
+            if keep is not None:
+                added = tf.where(keep, added, tf.zeros_like(added))
+            total.assign_add(added)
         self.total_weight.assign_add(tf.cast(weight, tf.float64))
-        self.count.assign_add(1)
+        self.count.assign_add(1 if keep is None else tf.cast(keep, tf.int64))
 
     def mean_gradients(self) -> list[tf.Tensor]:
         """``sum(w_i * g_i) / sum(w_i)`` for each variable (zeros if the window is empty)."""
@@ -121,8 +163,7 @@ class GradientAccumulator(tf.Module):  # type: ignore[misc]
 
         def update() -> tf.Tensor:
             gradients = self.mean_gradients()
-            if clip_global_norm is not None:
-                gradients, _ = tf.clip_by_global_norm(gradients, clip_global_norm)
+            gradients = clip_gradients(gradients, clip_global_norm, optimizer)
             optimizer.apply_gradients(zip(gradients, self._variables, strict=False))
             return tf.constant(True)
 
@@ -130,8 +171,8 @@ class GradientAccumulator(tf.Module):  # type: ignore[misc]
         self.reset()
 
     def reset(self) -> None:
-        """Empties the window."""
+        """Empties the window (every replica's share of it, under a strategy)."""
         for total in self._sums:
-            total.assign(tf.zeros_like(total))
-        self.total_weight.assign(0.0)
-        self.count.assign(0)
+            reset_on_read(total, tf.zeros(total.shape, total.dtype))
+        reset_on_read(self.total_weight, tf.constant(0.0, tf.float64))
+        reset_on_read(self.count, tf.constant(0, tf.int64))

@@ -4,7 +4,7 @@ Every error tfloop raises on purpose is a :class:`TfloopError`, so one ``except`
 them all. Each message names the argument at fault and how to fix it. They are raised before any
 compiled work starts, so nothing already trained or saved is lost.
 
-Example:
+Examples:
     >>> import tfloop
     >>> try:
     ...     tfloop.Trainer(object(), loss="mse")
@@ -15,7 +15,14 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "ConfigError", "DataError", "NonFiniteError", "TfloopError"]
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "NonFiniteError",
+    "TfloopError",
+    "WorkerError",
+]
 
 
 class TfloopError(Exception):
@@ -33,6 +40,15 @@ class DataError(TfloopError, ValueError):
 
 class CheckpointError(TfloopError):
     """A checkpoint cannot be written or restored safely."""
+
+
+class WorkerError(TfloopError):
+    """A worker of a multi-worker cluster failed or stopped responding during training.
+
+    The other workers stop (TensorFlow aborts the collectives after its heartbeat timeout)
+    instead of hanging; checkpoints already written are intact, so restarting every worker with
+    the same command resumes from the latest one.
+    """
 
 
 def _first_line(error: BaseException, limit: int = 300) -> str:

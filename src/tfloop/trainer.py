@@ -9,6 +9,7 @@ feeds the compiled loop (``_loops.py``) superbatches of ``steps_per_execution`` 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -19,6 +20,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfloop import _distribute
 from tfloop import data as data_lib
 from tfloop._config import (
     _resolve_checkpoint,
@@ -34,7 +36,7 @@ from tfloop._config import (
 )
 from tfloop._fit_loop import FitLoop, FitPlan
 from tfloop._loops import CompiledLoop
-from tfloop.accumulate import GradientAccumulator, _validate_steps
+from tfloop.accumulate import GradientAccumulator, _validate_steps, clip_gradients
 from tfloop.callbacks import Callback, CallbackList, History, ProgressBar
 from tfloop.errors import ConfigError, DataError, _first_line
 
@@ -62,6 +64,9 @@ class Trainer:
             loss and label shapes, as in Keras).
         accumulate_steps: micro-batches per optimizer update; the update is the exact mean
             gradient of the window, weighted by example count (see ``GradientAccumulator``).
+        drop_remainder: with ``accumulate_steps > 1``, discard the partial last window of each
+            epoch (fewer than ``accumulate_steps`` micro-batches) instead of applying it with
+            its own total. Its examples still count in the epoch's loss and metrics.
         steps_per_execution: batches run per compiled call; ``"auto"`` picks a fast value from
             the steps per epoch and a memory cap.
         jit_compile: XLA on (``True``), off (``False``), or ``"auto"``: on, falling back to the
@@ -70,10 +75,14 @@ class Trainer:
         callbacks: ``tfloop.Callback`` s.
         checkpoint: a directory (checkpoints every epoch, resume from the latest) or a
             ``tfloop.Checkpointer``; ``None`` saves nothing.
-        strategy: reserved for ``tf.distribute``; only ``None`` is accepted in this version.
+        strategy: a ``tf.distribute.Strategy`` (``MirroredStrategy``,
+            ``MultiWorkerMirroredStrategy``, ``TPUStrategy``, ...). Create the model (and an
+            optimizer instance, if you pass one) inside ``strategy.scope()``. Batches are
+            *global*: each step's batch is split across the replicas. ``None`` runs on the
+            default device.
         seed: makes shuffling, dropout and the initialisation of an unbuilt model reproducible.
 
-    Example:
+    Examples:
         >>> import numpy as np, keras, tfloop
         >>> x = np.random.default_rng(0).normal(size=(256, 4)).astype("float32")
         >>> y = x @ np.array([[1.0], [-2.0], [0.5], [3.0]], dtype="float32")
@@ -92,6 +101,7 @@ class Trainer:
         metrics: Sequence[Any] = (),
         *,
         accumulate_steps: int = 1,
+        drop_remainder: bool = False,
         steps_per_execution: int | Literal["auto"] = "auto",
         jit_compile: bool | Literal["auto"] = "auto",
         clip_global_norm: float | None = None,
@@ -105,20 +115,23 @@ class Trainer:
                 f"model must be a keras.Model or a tf.Module owning tf.Variables, got "
                 f"{type(model).__name__}."
             )
+        self.strategy = _distribute.validate(strategy)
         self.model = model
-        self.optimizer = _resolve_optimizer(optimizer)
+        with self._scope():
+            self.optimizer = _resolve_optimizer(optimizer)
+        if self.strategy is not None:
+            _distribute.check_created_in_scope(self.strategy, model, self.optimizer)
         self.loss = _resolve_loss(loss)
         self._metric_specs = _validate_metric_specs(metrics)
         self.accumulate_steps = _validate_steps(accumulate_steps, "accumulate_steps")
+        if not isinstance(drop_remainder, bool):
+            raise ConfigError(f"drop_remainder must be True or False, got {drop_remainder!r}.")
+        self.drop_remainder = drop_remainder
         self.steps_per_execution = _validate_steps_per_execution(steps_per_execution)
         self.jit_compile = _validate_jit_compile(jit_compile)
         self.clip_global_norm = _validate_clip(clip_global_norm)
         self.callbacks = _validate_callbacks(callbacks)
         self.checkpoint = _resolve_checkpoint(checkpoint)
-        if strategy is not None:
-            raise ConfigError(
-                "strategy is not supported by this version of tfloop yet; pass strategy=None."
-            )
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ConfigError(f"seed must be an int or None, got {seed!r}.")
         self.seed = seed
@@ -126,25 +139,32 @@ class Trainer:
 
         self.stop_training = False
         self.preempted = False  # set by fit when a preemption signal made it save and return
-        self.loss_tracker = keras.metrics.Mean(name="loss")
-        self.compiled_metrics: list[keras.metrics.Metric] = []
-        self._accumulator: GradientAccumulator | None = None
-        self._closes_window: tf.Tensor | None = None
-        # What to do with NaN/Inf gradients: "ignore" (apply them), "skip" or "raise" (drop the
-        # update in-graph; NonFiniteGuard raises on the host). Read when the loop is traced.
-        self.non_finite: Literal["ignore", "skip", "raise"] = "ignore"
-        self._non_finite_steps = tf.Variable(
-            tf.constant(0, tf.int64), trainable=False, name="non_finite_steps"
-        )
-        self._first_non_finite_step = tf.Variable(
-            tf.constant(-1, tf.int64), trainable=False, name="first_non_finite_step"
-        )
-        # What was non-finite at that step: 0 = the loss, i >= 1 = the gradient of
-        # trainable_variables[i - 1] (-1: none yet). NonFiniteGuard names it in its error.
-        self._first_non_finite_tensor = tf.Variable(
-            tf.constant(-1, tf.int64), trainable=False, name="first_non_finite_tensor"
-        )
+        with self._scope():
+            self.loss_tracker = keras.metrics.Mean(name="loss")
+            self.compiled_metrics: list[keras.metrics.Metric] = []
+            self._accumulator: GradientAccumulator | None = None
+            self._closes_window: tf.Tensor | None = None
+            # What to do with NaN/Inf gradients: "ignore" (apply them), "skip" or "raise" (drop
+            # the update in-graph; NonFiniteGuard raises on the host). Read when tracing.
+            self.non_finite: Literal["ignore", "skip", "raise"] = "ignore"
+            self._non_finite_steps = tf.Variable(
+                tf.constant(0, tf.int64), trainable=False, name="non_finite_steps"
+            )
+            self._first_non_finite_step = tf.Variable(
+                tf.constant(-1, tf.int64), trainable=False, name="first_non_finite_step"
+            )
+            # What was non-finite at that step: 0 = the loss, i >= 1 = the gradient of
+            # trainable_variables[i - 1] (-1: none yet). NonFiniteGuard names it in its error.
+            self._first_non_finite_tensor = tf.Variable(
+                tf.constant(-1, tf.int64), trainable=False, name="first_non_finite_tensor"
+            )
+        # Under a strategy: whether the micro-batch just accumulated was kept, and which of
+        # its tensors were non-finite (set while tracing the replica step).
+        self._step_kept: tf.Tensor | None = None
+        self._step_bad: tf.Tensor | None = None
         self._loops: dict[str, CompiledLoop] = {}
+        # Input signatures already checked against the model and loss by _build's dry run.
+        self._validated_inputs: set[Any] = set()
         self._built_metrics = False
         self._built_training = False
         self._in_fit = False
@@ -152,6 +172,10 @@ class Trainer:
         self._steps_per_epoch: int | None = None
         self._validation_freq: int | None = None  # None: this fit has no validation_data
         self._current_epoch = 0
+
+    def _scope(self) -> Any:
+        """The strategy's scope (variables created in it are distributed), or a no-op."""
+        return self.strategy.scope() if self.strategy is not None else contextlib.nullcontext()
 
     # ------------------------------------------------------------------ the step, top to bottom
 
@@ -180,6 +204,17 @@ class Trainer:
             )
         y_pred = self._call_model(x, training)
         loss = self.loss(y, y_pred, sample_weight=sample_weight)
+        if loss.shape.rank == 1 and loss.shape[0] == 0:
+            # A replica's share of a batch smaller than the replica count is empty; Keras
+            # returns its per-example losses (none) instead of a mean. It has weight zero; the
+            # sum keeps it connected to the weights, so its gradients are zeros, not None,
+            # and every replica takes part in the same all-reduce.
+            loss = tf.reduce_sum(loss)
+        replicas = _distribute.replicas(self.strategy)
+        if replicas > 1:
+            # Keras losses divide by the number of replicas under a strategy; tfloop weights
+            # each replica's mean by its example count instead (exact for uneven splits).
+            loss = loss * tf.cast(replicas, loss.dtype)
         extra = getattr(self.model, "losses", None)
         if extra:
             loss = loss + tf.add_n([tf.cast(term, loss.dtype) for term in extra])
@@ -226,23 +261,118 @@ class Trainer:
         """
         gradients = list(gradients)
         accumulator = self._accumulator
+        if self.strategy is not None:
+            if self._uses_window():
+                self._accumulate_replica(gradients, weight, loss)
+            else:
+                self._update_replica(gradients, weight)
+            return
         if accumulator is None:
             self._unless_non_finite(gradients, loss, lambda: self._update(gradients))
             return
         self._unless_non_finite(gradients, loss, lambda: accumulator.accumulate(gradients, weight))
-        closes = accumulator.ready
-        if self._closes_window is not None:
-            closes = tf.logical_or(closes, self._closes_window)
+        self._close_window(self._closes_window)
+
+    def _close_window(self, epoch_end: tf.Tensor | None) -> None:
+        """Applies the accumulated window if it is full, or partial at the end of the epoch
+        (then discarded instead with ``drop_remainder``). Under a strategy this runs in
+        cross-replica context, where the accumulators read as global sums."""
+        accumulator = self._accumulator
+        assert accumulator is not None
+        ready = accumulator.ready
+        if epoch_end is None:
+            closes, drops = ready, None
+        elif self.drop_remainder:
+            closes = ready
+            drops = tf.logical_and(epoch_end, tf.logical_not(ready))
+        else:
+            closes, drops = tf.logical_or(ready, epoch_end), None
 
         def update() -> tf.Tensor:
             accumulator.apply(self.optimizer, self.clip_global_norm)
             return tf.constant(True)
 
+        def discard() -> tf.Tensor:
+            accumulator.reset()
+            return tf.constant(True)
+
         tf.cond(closes, update, lambda: tf.constant(False))
+        if drops is not None:
+            tf.cond(drops, discard, lambda: tf.constant(False))
+
+    def _uses_window(self) -> bool:
+        """Under a strategy: whether updates go through the on-read accumulator.
+
+        Needed for accumulation, for a non-finite policy, and for loss scaling: each decides
+        in a ``tf.cond`` whether to update, which only cross-replica context may hold.
+        """
+        return (
+            self.accumulate_steps > 1
+            or self.non_finite != "ignore"
+            or isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)
+        )
+
+    def _update_replica(self, gradients: list[Any], weight: Any) -> None:
+        """Under a strategy, one update per batch: each replica hands the optimizer its share
+        ``n_r / N * g_r`` and the optimizer's all-reduce sums the shares into the global-batch
+        gradient. Clipping uses the norm of that sum (one more all-reduce), never a share's."""
+        context = tf.distribute.get_replica_context()
+        weight = tf.cast(weight, tf.float32)
+        total = context.all_reduce(tf.distribute.ReduceOp.SUM, weight)
+        fraction = tf.math.divide_no_nan(weight, total)
+        shares = [None if g is None else tf.convert_to_tensor(g) * fraction for g in gradients]
+        if self.clip_global_norm is not None:
+            present = [g for g in shares if g is not None]
+            summed = context.all_reduce(tf.distribute.ReduceOp.SUM, present)
+            norm = tf.linalg.global_norm(summed)
+            factor = tf.minimum(1.0, tf.math.divide_no_nan(self.clip_global_norm, norm))
+            shares = [None if g is None else g * tf.cast(factor, g.dtype) for g in shares]
+        self.optimizer.apply_gradients(zip(shares, self.trainable_variables, strict=False))
+
+    def _accumulate_replica(self, gradients: list[Any], weight: Any, loss: Any) -> None:
+        """Under a strategy: adds this replica's share; the loop applies the window.
+
+        The update happens in cross-replica context (``_close_window``), where the global sums
+        are read, so nothing here synchronizes inside control flow. A non-finite micro-batch
+        on any replica is dropped on every replica (one all-reduce of the flags, no ``cond``).
+        """
+        accumulator = self._accumulator
+        assert accumulator is not None
+        keep = None
+        if self.non_finite != "ignore":
+            local_bad = tf.stack(
+                [
+                    tf.cast(tf.logical_not(tf.reduce_all(tf.math.is_finite(t))), tf.float32)
+                    if t is not None
+                    else tf.constant(0.0)
+                    for t in [loss, *gradients]
+                ]
+            )
+            context = tf.distribute.get_replica_context()
+            bad = context.all_reduce(tf.distribute.ReduceOp.SUM, local_bad)
+            keep = tf.reduce_all(tf.equal(bad, 0.0))
+            self._step_kept, self._step_bad = keep, bad
+        accumulator.accumulate(gradients, weight, keep)
+
+    def _record_dropped(self, kept: tf.Tensor, bad: tf.Tensor) -> None:
+        """Cross-replica context: the non-finite bookkeeping of a dropped micro-batch."""
+
+        def skip() -> tf.Tensor:
+            step = tf.cast(self.optimizer.iterations, tf.int64)
+            first = self._first_non_finite_step
+            is_first = first < 0
+            first.assign(tf.where(is_first, step, first))
+            which = tf.argmax(tf.cast(bad > 0, tf.int32), output_type=tf.int64)
+            self._first_non_finite_tensor.assign(
+                tf.where(is_first, which, self._first_non_finite_tensor)
+            )
+            self._non_finite_steps.assign_add(1)
+            return tf.constant(False)
+
+        tf.cond(kept, lambda: tf.constant(True), skip)
 
     def _update(self, gradients: list[Any]) -> None:
-        if self.clip_global_norm is not None:
-            gradients, _ = tf.clip_by_global_norm(gradients, self.clip_global_norm)
+        gradients = clip_gradients(gradients, self.clip_global_norm, self.optimizer)
         self.optimizer.apply_gradients(zip(gradients, self.trainable_variables, strict=False))
 
     def _unless_non_finite(self, gradients: list[Any], loss: Any, action: Any) -> None:
@@ -411,7 +541,7 @@ class Trainer:
     ) -> dict[str, float]:
         """Returns the loss and metrics over ``data`` (all of it, or its first ``steps`` batches).
 
-        Example:
+        Examples:
             >>> import numpy as np, keras, tfloop
             >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
             >>> trainer = tfloop.Trainer(model, loss="mse", metrics=["mae"])
@@ -435,7 +565,7 @@ class Trainer:
 
         ``data`` is ``x`` arrays, ``(x, ...)`` tuples or a batched dataset; only ``x`` is used.
 
-        Example:
+        Examples:
             >>> import numpy as np, keras, tfloop
             >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
             >>> tfloop.Trainer(model).predict(np.ones((5, 3))).shape
@@ -452,7 +582,8 @@ class Trainer:
         first = stream.peek_batch()
         if first is None:
             raise DataError("data yielded no batches; pass a non-empty dataset.")
-        self._check_model_accepts(first)
+        with self._scope():
+            self._check_model_accepts(first)
         callbacks = CallbackList(self.callbacks, trainer=self)
         callbacks.on_predict_start({})
         loop = self._loop("predict")
@@ -499,7 +630,8 @@ class Trainer:
         first = stream.peek_batch()
         if first is None:
             raise DataError("data yielded no batches; pass a non-empty dataset.")
-        self._build(first, training=False)
+        with self._scope():
+            self._build(first, training=False)
         loop = self._loop("test")
         for metric in self.metrics:
             metric.reset_state()
@@ -570,40 +702,64 @@ class Trainer:
 
         Runs the model and the loss once, eagerly, on one batch, so a shape or dtype mismatch
         surfaces here as a DataError that names the argument, not as a graph stack trace.
+        That dry run is skipped for a batch of the structure, shapes and dtypes already checked
+        against this model and loss (a second ``fit``, one ``fit`` per epoch).
         """
         overrides_loss = type(self).compute_loss is not Trainer.compute_loss
+        step = "train_step" if training else "test_step"
+        # A step override that never calls the default compute_loss (loss=None) has no loss
+        # to check here; its own code runs when the loop is traced.
+        checks_loss = (
+            overrides_loss
+            or self.loss is not None
+            or (getattr(type(self), step) is getattr(Trainer, step))
+        )
         _, y, _ = data_lib.unpack_batch(batch)
-        if not overrides_loss or self._metric_specs:
-            y_pred = self._check_model_accepts(batch)
-            if not self._built_metrics:
-                self.compiled_metrics = [
-                    _resolve_metric(spec, self.loss, y, y_pred) for spec in self._metric_specs
-                ]
-                self._built_metrics = True
-        if y is None and not overrides_loss:
-            raise DataError(
-                "data has no targets: pass (x, y) or a dataset of (x, y) tuples (or override "
-                "compute_loss for a loss without targets)."
-            )
-        try:
-            self.compute_loss(batch, training=False)
-        except (ConfigError, DataError):
-            raise
-        except Exception as error:
-            raise DataError(
-                f"data: the loss cannot be computed for y {_describe(y)}: "
-                f"{_first_line(error, 400)}. Check that y matches the model's output and the loss "
-                "(e.g. one-hot labels for categorical_crossentropy, integer labels for "
-                "sparse_categorical_crossentropy)."
-            ) from error
-        finally:
+        signature = (
+            id(self.model),
+            id(self.loss),
+            repr(tf.nest.map_structure(lambda _: 0, batch)),
+            tuple((tuple(t.shape), t.dtype.name) for t in tf.nest.flatten(batch)),
+        )
+        validated = self._validated_inputs
+        if signature in validated:
             for metric in self.metrics:
-                metric.reset_state()
+                metric.reset_state()  # as after the dry run
+        else:
+            if not overrides_loss or self._metric_specs:
+                y_pred = self._check_model_accepts(batch)
+                if not self._built_metrics:
+                    self.compiled_metrics = [
+                        _resolve_metric(spec, self.loss, y, y_pred) for spec in self._metric_specs
+                    ]
+                    self._built_metrics = True
+            if y is None and not overrides_loss and checks_loss:
+                raise DataError(
+                    "data has no targets: pass (x, y) or a dataset of (x, y) tuples (or "
+                    "override compute_loss for a loss without targets)."
+                )
+            try:
+                if checks_loss:
+                    self.compute_loss(batch, training=False)
+            except (ConfigError, DataError):
+                raise
+            except Exception as error:
+                raise DataError(
+                    f"data: the loss cannot be computed for y {_describe(y)}: "
+                    f"{_first_line(error, 400)}. Check that y matches the model's output and the "
+                    "loss (e.g. one-hot labels for categorical_crossentropy, integer labels for "
+                    "sparse_categorical_crossentropy)."
+                ) from error
+            finally:
+                for metric in self.metrics:
+                    metric.reset_state()
+            validated.add(signature)
         if training and not self._built_training:
             variables = self.trainable_variables
             if not getattr(self.optimizer, "built", False):
                 self.optimizer.build(variables)
-            if self.accumulate_steps > 1:
+            # Under a strategy every update goes through the accumulator (see _distribute.py).
+            if self.accumulate_steps > 1 or self.strategy is not None:
                 self._accumulator = GradientAccumulator(variables, self.accumulate_steps)
             self._reseed_dropout()
             self._built_training = True

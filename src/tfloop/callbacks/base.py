@@ -82,6 +82,13 @@ class Callback:
         """Restores what :meth:`state_dict` returned."""
 
 
+def _updates(trainer: Any) -> int:
+    """``trainer.optimizer.iterations`` as an int (a mirrored variable under a strategy
+    converts only through ``numpy()``)."""
+    value = trainer.optimizer.iterations
+    return int(value.numpy()) if hasattr(value, "numpy") else int(value)
+
+
 class CallbackList:
     """Calls an event on each callback, in the order given.
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from tfloop.callbacks._common import check_count, finite_or_none
 from tfloop.callbacks._logfile import LogFile
-from tfloop.callbacks.base import Callback, Logs
+from tfloop.callbacks.base import Callback, Logs, _updates
 
 __all__ = ["JSONLLogger"]
 
@@ -96,7 +96,7 @@ class JSONLLogger(Callback):
 
     def _current_step(self, default: int) -> int:
         if self.trainer is not None:
-            return int(self.trainer.optimizer.iterations.numpy())
+            return _updates(self.trainer)
         return default
 
     def _write(self, record: dict[str, Any], step: int) -> None:

@@ -6,7 +6,7 @@ import logging
 import math
 from typing import TYPE_CHECKING, Literal
 
-from tfloop.callbacks.base import Callback, Logs
+from tfloop.callbacks.base import Callback, Logs, _updates
 from tfloop.errors import ConfigError, NonFiniteError
 
 if TYPE_CHECKING:
@@ -84,7 +84,7 @@ class NonFiniteGuard(Callback):
         trainer = self.trainer
         self.skipped = 0
         self._seen = int(trainer._non_finite_steps.numpy()) if trainer is not None else 0
-        self._last_step = int(trainer.optimizer.iterations.numpy()) if trainer is not None else 0
+        self._last_step = _updates(trainer) if trainer is not None else 0
 
     def on_train_batch_end(self, batch: int, logs: Logs) -> None:
         count = int(logs.get("non_finite_steps", self._seen))
@@ -144,7 +144,7 @@ class TerminateOnNaN(NonFiniteGuard):
         ...                          callbacks=[tfloop.callbacks.TerminateOnNaN()])
         >>> x = np.array([[1.0], [np.nan], [2.0]], dtype="float32")
         >>> _ = trainer.fit((x, x), epochs=3, batch_size=1, shuffle=False, verbose=0)
-        >>> int(trainer.optimizer.iterations.numpy()), bool(np.isfinite(model.get_weights()[0]).all())
+        >>> int(trainer.optimizer.iterations), bool(np.isfinite(model.get_weights()[0]).all())
         (1, True)
     """
 

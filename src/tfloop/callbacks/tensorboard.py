@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tfloop.callbacks._common import check_count, learning_rate_of
-from tfloop.callbacks.base import Callback, Logs
+from tfloop.callbacks.base import Callback, Logs, _updates
 from tfloop.callbacks.throughput import Throughput
 from tfloop.errors import ConfigError
 
@@ -89,7 +89,7 @@ class TensorBoard(Callback):
     def on_fit_start(self, logs: Logs) -> None:
         if self._throughput is not None and self.trainer is not None:
             self._throughput.set_trainer(self.trainer)
-        self._last_step = int(self.trainer.optimizer.iterations.numpy()) if self.trainer else 0
+        self._last_step = _updates(self.trainer) if self.trainer else 0
 
     def on_epoch_start(self, epoch: int, logs: Logs) -> None:
         if self._throughput is not None:
@@ -125,7 +125,7 @@ class TensorBoard(Callback):
     def on_eval_end(self, logs: Logs) -> None:
         if self.trainer is None or getattr(self.trainer, "_in_fit", False):
             return
-        step = int(self.trainer.optimizer.iterations.numpy())
+        step = _updates(self.trainer)
         values = {f"evaluation_{k}_vs_iterations": v for k, v in logs.items()}
         self._scalars("validation", values, step)
         self.close()

@@ -1,0 +1,135 @@
+"""Running the superbatch loop under a ``tf.distribute.Strategy``.
+
+The layout, and why:
+
+- The K-step loop stays in *cross-replica* context: ``for i in tf.range(K): strategy.run(step,
+  (superbatch, i))``. A synchronization point (an all-reduce, ``optimizer.apply_gradients``)
+  inside control flow in replica context is an error in TensorFlow, so nothing that
+  synchronizes runs inside a replica's ``tf.cond``.
+- Each superbatch ``[K, batch, ...]`` is pulled from the plain (checkpointable) iterator on the
+  host and split along the *batch* dimension, never the step dimension: replica ``r`` of ``R``
+  gets examples ``r * batch // R`` to ``(r + 1) * batch // R`` of every step, so a ragged
+  batch splits as evenly as it can. Under ``MultiWorkerMirroredStrategy`` every worker reads
+  the same data (same seed) and keeps its replicas' share.
+- Every replica adds ``n_r * g_r`` (its example count times the gradient of its mean loss) to
+  on-read accumulators; the update, applied in cross-replica context, reads their global sums,
+  divides by the global example count and clips *after* that reduction. That is the exact
+  gradient of the global batch, however unevenly it was split, with or without accumulation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import tensorflow as tf
+
+from tfloop.errors import ConfigError
+
+Nested = Any
+
+# The on-read synchronization of accumulator state: each replica updates its own copy, a read
+# in cross-replica context returns the aggregate.
+ON_READ = tf.VariableSynchronization.ON_READ
+
+
+def replicas(strategy: tf.distribute.Strategy | None) -> int:
+    """The number of replicas in sync (1 without a strategy)."""
+    return 1 if strategy is None else int(strategy.num_replicas_in_sync)
+
+
+def validate(strategy: Any) -> tf.distribute.Strategy | None:
+    if strategy is None:
+        return None
+    if not isinstance(strategy, tf.distribute.Strategy):
+        raise ConfigError(
+            f"strategy must be a tf.distribute.Strategy (e.g. tf.distribute.MirroredStrategy()) "
+            f"or None, got {type(strategy).__name__}."
+        )
+    return strategy
+
+
+def check_created_in_scope(strategy: tf.distribute.Strategy, model: Any, optimizer: Any) -> None:
+    """Model and optimizer variables must belong to ``strategy``; say how to fix it if not."""
+    outside = [
+        v.name
+        for v in list(getattr(model, "variables", []))
+        if not strategy.extended.variable_created_in_scope(_tf_variable(v))
+    ]
+    if outside:
+        raise ConfigError(
+            f"model: {len(outside)} variable(s) (e.g. {outside[0]!r}) were created outside "
+            "strategy.scope(). Build the model inside it: `with strategy.scope(): model = ...`."
+        )
+    owner = getattr(optimizer, "_distribution_strategy", None)
+    if owner is not None and owner is not strategy:
+        raise ConfigError(
+            "optimizer was created outside strategy.scope(). Create it inside "
+            "`with strategy.scope():`, or pass its name (e.g. optimizer='adam') and tfloop "
+            "creates it there."
+        )
+
+
+def _tf_variable(variable: Any) -> Any:
+    # Keras 3 variables wrap the tf.Variable the strategy created.
+    return (
+        getattr(variable, "value", variable) if not isinstance(variable, tf.Variable) else variable
+    )
+
+
+def split_superbatch(strategy: tf.distribute.Strategy, superbatch: Nested) -> Any:
+    """Gives each replica its share of every step's batch (axis 1 of ``[K, batch, ...]``)."""
+    count = int(strategy.num_replicas_in_sync)
+
+    def share(context: tf.distribute.experimental.ValueContext) -> Nested:
+        replica = context.replica_id_in_sync_group
+
+        def cut(tensor: tf.Tensor) -> tf.Tensor:
+            size = int(tensor.shape[1])
+            return tensor[:, replica * size // count : (replica + 1) * size // count]
+
+        return tf.nest.map_structure(cut, superbatch)
+
+    return strategy.experimental_distribute_values_from_function(share)
+
+
+def first_local(strategy: tf.distribute.Strategy, value: Nested) -> Nested:
+    """The value of the first local replica (for values every replica agrees on)."""
+    return tf.nest.map_structure(lambda v: strategy.experimental_local_results(v)[0], value)
+
+
+def reset_on_read(variable: tf.Variable, value: Any) -> None:
+    """Assigns ``value`` to every local copy of an on-read variable, in any context."""
+    if tf.distribute.in_cross_replica_context() and hasattr(variable, "values"):
+        for component in variable.values:
+            component.assign(value)
+    else:
+        variable.assign(value)
+
+
+def uses_accelerators(strategy: tf.distribute.Strategy) -> bool:
+    devices = getattr(strategy.extended, "worker_devices", ())
+    return any(("GPU" in d.upper() or "TPU" in d.upper()) for d in devices)
+
+
+def is_multi_worker(strategy: tf.distribute.Strategy | None) -> bool:
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+
+
+def is_chief(strategy: tf.distribute.Strategy | None) -> bool:
+    """Whether this process writes shared outputs (checkpoints, logs) for the cluster."""
+    if not is_multi_worker(strategy):
+        return True
+    config = json.loads(os.environ.get("TF_CONFIG", "{}") or "{}")
+    task = config.get("task", {})
+    kind, index = task.get("type", "worker"), int(task.get("index", 0))
+    if kind == "chief":
+        return True
+    return kind == "worker" and index == 0 and "chief" not in config.get("cluster", {})
+
+
+def task_id() -> str:
+    config = json.loads(os.environ.get("TF_CONFIG", "{}") or "{}")
+    task = config.get("task", {})
+    return f"{task.get('type', 'worker')}-{task.get('index', 0)}"

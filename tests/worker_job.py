@@ -1,0 +1,91 @@
+"""One worker of a two-worker MultiWorkerMirroredStrategy run on localhost (test_distribute.py).
+
+Usage: ``python worker_job.py INDEX PORT0,PORT1 OUT_DIR [DIE_AT_STEP]``. Trains the model of
+``train_single`` under the strategy and saves weights, predictions and history to
+``OUT_DIR/worker-INDEX.npz``; with ``DIE_AT_STEP`` the process exits (code 3) at that update.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+import numpy as np
+from conftest import make_data, make_model  # before TensorFlow sets up its devices
+
+SAMPLES, BATCH, EPOCHS, ACCUMULATE = 53, 8, 2, 2
+
+
+def _data() -> tuple[np.ndarray, np.ndarray]:
+    return make_data(SAMPLES)
+
+
+def _fit(strategy: Any, die_at: int = -1, epochs: int = EPOCHS) -> Any:
+    import tensorflow as tf
+
+    import tfloop
+
+    class Die(tfloop.Callback):
+        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+            if 0 <= die_at <= logs["step"]:
+                os._exit(3)
+
+    scope = strategy.scope() if strategy is not None else tf.distribute.get_strategy().scope()
+    with scope:
+        model = make_model()
+    trainer = tfloop.Trainer(
+        model,
+        "adam",
+        "categorical_crossentropy",
+        metrics=["accuracy"],
+        accumulate_steps=ACCUMULATE,
+        steps_per_execution=2,
+        jit_compile=False,
+        strategy=strategy,
+        seed=0,
+        callbacks=[Die()],
+    )
+    x, y = _data()
+    history = trainer.fit((x, y), epochs=epochs, batch_size=BATCH, verbose=0)
+    return trainer, history, x
+
+
+def train_single() -> dict[str, Any]:
+    trainer, history, x = _fit(None)
+    return {
+        "weights": [np.array(w) for w in trainer.model.get_weights()],
+        "predictions": trainer.predict(x),
+        "history": history.history,
+    }
+
+
+def main() -> None:
+    index, ports, out = int(sys.argv[1]), sys.argv[2].split(","), sys.argv[3]
+    die_at = int(sys.argv[4]) if len(sys.argv) > 4 else -1
+    os.environ["TF_CONFIG"] = json.dumps(
+        {
+            "cluster": {"worker": [f"127.0.0.1:{port}" for port in ports]},
+            "task": {"type": "worker", "index": index},
+        }
+    )
+    import tensorflow as tf
+
+    strategy = tf.distribute.MultiWorkerMirroredStrategy(
+        communication_options=tf.distribute.experimental.CommunicationOptions(timeout_seconds=60)
+    )
+    # A worker that dies makes the other one fail; give it many epochs to die in.
+    trainer, history, x = _fit(strategy, die_at, epochs=EPOCHS if die_at < 0 else 200)
+    predictions = trainer.predict(x)
+    weights = {f"w{i}": np.array(w) for i, w in enumerate(trainer.model.get_weights())}
+    np.savez(
+        os.path.join(out, f"worker-{index}.npz"),
+        predictions=predictions,
+        history=json.dumps(history.history),
+        **weights,
+    )
+
+
+if __name__ == "__main__":
+    main()
