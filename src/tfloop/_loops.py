@@ -262,6 +262,15 @@ def _replica_batch(data: Nested, i: tf.Tensor) -> Nested:
     return tf.nest.map_structure(lambda t: t[i], data)
 
 
+def _replica_step(trainer: Trainer, method: str, jit: bool) -> Any:
+    """One replica's step on step ``i`` of its share of the superbatch (XLA-compiled if jit)."""
+
+    def replica_step(data: Nested, i: tf.Tensor) -> Any:
+        return getattr(trainer, method)(_replica_batch(data, i))
+
+    return tf.function(replica_step, jit_compile=True) if jit else replica_step
+
+
 def _local_spec(trainer: Trainer, method: str, data: Nested) -> Nested | None:
     """The spec of what an overridden step method returns on one replica (``None``: not
     overridden). Traced inside ``strategy.run``: the step updates on-read variables, which
@@ -326,10 +335,7 @@ def _distributed_test_function(trainer: Trainer, jit: bool) -> Any:
     strategy = trainer.strategy
     assert strategy is not None
 
-    def replica_step(data: Nested, i: tf.Tensor) -> Any:
-        return trainer.test_step(_replica_batch(data, i))
-
-    step = tf.function(replica_step, jit_compile=True) if jit else replica_step
+    step = _replica_step(trainer, "test_step", jit)
 
     def test_steps(data: Nested, start: tf.Tensor, stop: tf.Tensor) -> Any:
         step_spec = _local_spec(trainer, "test_step", data)
@@ -347,10 +353,7 @@ def _distributed_predict_function(trainer: Trainer, jit: bool) -> Any:
     strategy = trainer.strategy
     assert strategy is not None
 
-    def replica_step(data: Nested, i: tf.Tensor) -> Any:
-        return trainer.predict_step(_replica_batch(data, i))
-
-    step = tf.function(replica_step, jit_compile=True) if jit else replica_step
+    step = _replica_step(trainer, "predict_step", jit)
 
     def predict_steps(data: Nested, start: tf.Tensor, stop: tf.Tensor, batch: tf.Tensor) -> Nested:
         local = _distribute.first_local(strategy, data)
