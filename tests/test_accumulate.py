@@ -208,3 +208,67 @@ def test_drop_remainder_discards_the_partial_last_window(n, micro, k):
 def test_drop_remainder_must_be_a_bool():
     with pytest.raises(ConfigError, match="drop_remainder must be True or False"):
         tfloop.Trainer(make_model(), "sgd", "mse", accumulate_steps=2, drop_remainder="yes")
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@given(
+    bad=st.sets(st.integers(0, 9), max_size=3), k=st.integers(2, 4), steps=st.sampled_from([1, 3])
+)
+def test_a_non_finite_micro_batch_is_dropped_and_the_window_waits_for_k_good_ones(
+    jit, bad, k, steps
+):
+    # 10 micro-batches of 4; the marked ones have a NaN loss. A dropped micro-batch does not
+    # count: the update is the same as accumulating over the good micro-batches only.
+    x, y = make_data(40)
+    x[:, 0] = np.abs(x[:, 0])
+    for index in bad:
+        x[index * 4, 0] = -1.0
+
+    class NaNTrainer(tfloop.Trainer):
+        def compute_loss(self, batch, training):
+            loss = super().compute_loss(batch, training)
+            return tf.where(batch[0][0, 0] < 0, tf.constant(float("nan")), loss)
+
+    trainer = NaNTrainer(
+        make_model(),
+        "adam",
+        "categorical_crossentropy",
+        accumulate_steps=k,
+        steps_per_execution=steps,
+        jit_compile=jit,
+        callbacks=[guard := tfloop.callbacks.NonFiniteGuard("skip")],
+    )
+    trainer.fit((x, y), batch_size=4, shuffle=False, verbose=0)
+    good = np.ones(40, bool)
+    for index in bad:
+        good[index * 4 : index * 4 + 4] = False
+    reference, expected = fit(
+        (x[good], y[good]), batch_size=4, accumulate=k, optimizer="adam", epochs=1
+    )
+    assert_weights_equal(weights_of(trainer.model), expected, rtol=1e-5, atol=1e-6)
+    assert guard.skipped == len(bad)
+    assert int(trainer.optimizer.iterations) == int(reference.optimizer.iterations)
+
+
+@given(n=st.integers(8, 60), half=st.integers(1, 4), k=st.integers(1, 4))
+def test_a_step_that_applies_gradients_twice_fills_the_window_twice_as_fast(n, half, k):
+    # Each step splits its batch in two and hands both halves to apply_gradients: with
+    # accumulate_steps=2k, an update is made of k steps, the same as k whole batches.
+    class HalvesTrainer(tfloop.Trainer):
+        def train_step(self, batch):
+            x, y = batch
+            size = tf.shape(x)[0] // 2
+            for part in (slice(None, size), slice(size, None)):
+                with tf.GradientTape() as tape:
+                    loss = self.compute_loss((x[part], y[part]), training=True)
+                grads = tape.gradient(loss, self.trainable_variables)
+                self.apply_gradients(grads, weight=tf.shape(x[part])[0], loss=loss)
+
+    x, y = make_data(n)
+    model = make_model()
+    trainer = HalvesTrainer(
+        model, "sgd", "categorical_crossentropy", accumulate_steps=2 * k, jit_compile=False
+    )
+    trainer.fit((x, y), epochs=2, batch_size=2 * half, shuffle=False, verbose=0)
+    _, expected = fit((x, y), batch_size=2 * half * k, accumulate=1, optimizer="sgd")
+    assert_weights_equal(weights_of(model), expected, rtol=1e-5, atol=1e-6)

@@ -12,8 +12,7 @@ bounds the speed of a small model. One iterator call per ``K`` steps removes it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import tensorflow as tf
@@ -183,6 +182,9 @@ def _step_logs_spec(trainer: Trainer, method: str, superbatch: Nested) -> Nested
 
 
 def _train_function(trainer: Trainer, jit: bool) -> Any:
+    if trainer._accumulator is not None:
+        return _accumulating_train_function(trainer, jit)
+
     def train_steps(data: Nested, start: tf.Tensor, stop: tf.Tensor, flush_at: tf.Tensor) -> Any:
         step_spec = _step_logs_spec(trainer, "train_step", data)
         step_logs = _zeros(step_spec, "train_step") if step_spec is not None else {}
@@ -190,15 +192,55 @@ def _train_function(trainer: Trainer, jit: bool) -> Any:
         # as a compile-time constant and compile again for every new chunk length.
         i = start
         while i < stop:
-            batch = tf.nest.map_structure(lambda t: t[i], data)  # noqa: B023
-            with _window_end(trainer, tf.equal(i, flush_at)):
-                outputs = trainer.train_step(batch)
+            outputs = trainer.train_step(_step_batch(data, i))
             if step_spec is not None:
                 step_logs = outputs
             i += 1
         return trainer._results(), step_logs
 
     return tf.function(train_steps, jit_compile=jit)
+
+
+def _accumulating_train_function(trainer: Trainer, jit: bool) -> Any:
+    """The train loop with ``accumulate_steps > 1``: one inner loop per window.
+
+    The accumulator's sums are read once, carried through the loop as loop variables and
+    written back once (see ``GradientAccumulator._stage``), and the window is closed (one
+    ``tf.cond``) after its inner loop, not tested after every micro-batch. Measured on the
+    mlp workload, variables written and a ``cond`` at every step ran at 0.6x the speed of no
+    accumulation.
+    """
+    accumulator = trainer._accumulator
+    assert accumulator is not None
+    steps = accumulator.steps
+
+    def train_steps(data: Nested, start: tf.Tensor, stop: tf.Tensor, flush_at: tf.Tensor) -> Any:
+        step_spec = _step_logs_spec(trainer, "train_step", data)
+        step_logs = _zeros(step_spec, "train_step") if step_spec is not None else {}
+        state = accumulator._load()
+        i = start
+        while i < stop:
+            # The micro-batches of one window (fewer if the chunk ends first); train_step's
+            # apply_gradients adds each to the staged state.
+            while i < stop and state[2] < steps:
+                accumulator._stage(state)
+                outputs = trainer.train_step(_step_batch(data, i))
+                state = accumulator._unstage()
+                if step_spec is not None:
+                    step_logs = outputs
+                i += 1
+            accumulator._stage(state)
+            trainer._close_window(tf.equal(i - 1, flush_at))
+            state = accumulator._unstage()
+        accumulator._store(state)
+        return trainer._results(), step_logs
+
+    return tf.function(train_steps, jit_compile=jit)
+
+
+def _step_batch(data: Nested, i: tf.Tensor) -> Nested:
+    """Step ``i`` of a superbatch."""
+    return tf.nest.map_structure(lambda t: t[i], data)
 
 
 def _test_function(trainer: Trainer, jit: bool) -> Any:
@@ -209,7 +251,7 @@ def _test_function(trainer: Trainer, jit: bool) -> Any:
         # as a compile-time constant and compile again for every new chunk length.
         i = start
         while i < stop:
-            outputs = trainer.test_step(tf.nest.map_structure(lambda t: t[i], data))  # noqa: B023
+            outputs = trainer.test_step(_step_batch(data, i))
             if step_spec is not None:
                 step_logs = outputs
             i += 1
@@ -231,7 +273,7 @@ def _predict_function(trainer: Trainer, jit: bool) -> Any:
         # as a compile-time constant and compile again for every new chunk length.
         i = start
         while i < stop:
-            outputs = trainer.predict_step(tf.nest.map_structure(lambda t: t[i], data))  # noqa: B023
+            outputs = trainer.predict_step(_step_batch(data, i))
             buffers = tf.nest.map_structure(
                 lambda buffer, out: tf.tensor_scatter_nd_update(buffer, [[i]], out[None]),  # noqa: B023
                 buffers,
@@ -243,30 +285,16 @@ def _predict_function(trainer: Trainer, jit: bool) -> Any:
     return tf.function(predict_steps, jit_compile=jit)
 
 
-@contextmanager
-def _window_end(trainer: Trainer, flag: tf.Tensor) -> Iterator[None]:
-    """Tells ``apply_gradients`` (at trace time) that this step closes the epoch's last window."""
-    trainer._closes_window = flag
-    try:
-        yield
-    finally:
-        trainer._closes_window = None
-
-
 # ------------------------------------------------------------------ under a tf.distribute strategy
 # The loop runs in cross-replica context and calls ``strategy.run`` once per step; see
 # _distribute.py for why, and for how the superbatch is split.
-
-
-def _replica_batch(data: Nested, i: tf.Tensor) -> Nested:
-    return tf.nest.map_structure(lambda t: t[i], data)
 
 
 def _replica_step(trainer: Trainer, method: str, jit: bool) -> Any:
     """One replica's step on step ``i`` of its share of the superbatch (XLA-compiled if jit)."""
 
     def replica_step(data: Nested, i: tf.Tensor) -> Any:
-        return getattr(trainer, method)(_replica_batch(data, i))
+        return getattr(trainer, method)(_step_batch(data, i))
 
     return tf.function(replica_step, jit_compile=True) if jit else replica_step
 
@@ -306,7 +334,7 @@ def _distributed_train_function(trainer: Trainer, jit: bool) -> Any:
     skips = trainer.non_finite != "ignore"
 
     def replica_step(data: Nested, i: tf.Tensor) -> Any:
-        outputs = trainer.train_step(_replica_batch(data, i))
+        outputs = trainer.train_step(_step_batch(data, i))
         kept, bad = trainer._step_kept, trainer._step_bad
         trainer._step_kept = trainer._step_bad = None
         if skips:

@@ -25,6 +25,15 @@ __all__ = ["GradientAccumulator"]
 
 _ONLY_FIRST = tf.VariableAggregation.ONLY_FIRST_REPLICA
 
+_State = tuple[list[Any], Any, Any]
+"""An accumulator's state as tensors: the weighted sums, the total weight, the count."""
+
+
+class _Registers:
+    """Holds the staged state while a compiled loop is traced (see ``GradientAccumulator._stage``)."""
+
+    state: _State | None = None
+
 
 def _validate_steps(steps: object, name: str = "steps") -> int:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -112,11 +121,54 @@ class GradientAccumulator(tf.Module):  # type: ignore[misc]
             self.count = tf.Variable(
                 tf.constant(0, tf.int64), trainable=False, name="micro_batches", **first
             )
+        # Not a tuple attribute: tf.Module would wrap it for checkpoint tracking.
+        self._registers = _Registers()
+
+    # ---------------------------------------------------------------- state in loop registers
+    # Writing the sum variables every micro-batch costs more than the micro-batch itself on a
+    # small model (each write is a full read-modify-write of the buffers, and XLA cannot fuse
+    # across it). tfloop's compiled loop therefore reads the variables once per execution,
+    # carries the state as while-loop variables ("staged"), and writes it back once at the end:
+    # checkpoints, taken between executions, still see the exact mid-window state.
+
+    def _load(self) -> _State:
+        """The state as tensors, read from the variables (at the start of an execution)."""
+        return (
+            [total.read_value() for total in self._sums],
+            self.total_weight.read_value(),
+            self.count.read_value(),
+        )
+
+    def _stage(self, state: _State) -> None:
+        """From now on (at trace time) ``accumulate``/``apply``/``reset`` act on ``state``."""
+        self._registers.state = state
+
+    def _unstage(self) -> _State:
+        """The staged state after the calls since ``_stage``; the variables are used again."""
+        state = self._registers.state
+        assert state is not None, "_unstage without _stage"
+        self._registers.state = None
+        return state
+
+    def _store(self, state: _State) -> None:
+        """Writes ``state`` back to the variables (at the end of an execution)."""
+        sums, total_weight, count = state
+        for variable, value in zip(self._sums, sums, strict=True):
+            variable.assign(value)
+        self.total_weight.assign(total_weight)
+        self.count.assign(count)
+
+    def _state(self) -> _State:
+        if self._registers.state is not None:
+            return self._registers.state
+        return list(self._sums), self.total_weight, self.count
+
+    # ----------------------------------------------------------------------------------- API
 
     @property
     def ready(self) -> tf.Tensor:
         """A bool tensor: ``steps`` micro-batches have been accumulated."""
-        return self.count >= self.steps
+        return self._state()[2] >= self.steps
 
     def accumulate(self, gradients: Sequence[Any], weight: Any, keep: Any = None) -> None:
         """Adds ``weight * g`` for each gradient ``g`` (``None`` gradients are skipped).
@@ -135,23 +187,35 @@ class GradientAccumulator(tf.Module):  # type: ignore[misc]
         weight = tf.convert_to_tensor(weight)
         if keep is not None:
             weight = tf.where(keep, weight, tf.zeros_like(weight))
-        for total, grad in zip(self._sums, gradients, strict=False):
+        added_count: Any = 1 if keep is None else tf.cast(keep, tf.int64)
+        additions: list[Any] = []
+        for total, grad in zip(self._sums, gradients, strict=True):
             if grad is None:
+                additions.append(None)
                 continue
             grad = tf.convert_to_tensor(grad)  # densifies IndexedSlices
             added = grad * tf.cast(weight, total.dtype)
             if keep is not None:
                 added = tf.where(keep, added, tf.zeros_like(added))
-            total.assign_add(added)
+            additions.append(added)
+        if self._registers.state is not None:
+            sums, total_weight, count = self._registers.state
+            self._registers.state = (
+                [s if a is None else s + a for s, a in zip(sums, additions, strict=True)],
+                total_weight + tf.cast(weight, tf.float64),
+                count + added_count,
+            )
+            return
+        for total, added in zip(self._sums, additions, strict=True):
+            if added is not None:
+                total.assign_add(added)
         self.total_weight.assign_add(tf.cast(weight, tf.float64))
-        self.count.assign_add(1 if keep is None else tf.cast(keep, tf.int64))
+        self.count.assign_add(added_count)
 
     def mean_gradients(self) -> list[tf.Tensor]:
         """``sum(w_i * g_i) / sum(w_i)`` for each variable (zeros if the window is empty)."""
-        return [
-            tf.math.divide_no_nan(total, tf.cast(self.total_weight, total.dtype))
-            for total in self._sums
-        ]
+        sums, total_weight, _ = self._state()
+        return [tf.math.divide_no_nan(total, tf.cast(total_weight, total.dtype)) for total in sums]
 
     def apply(self, optimizer: Any, clip_global_norm: float | None = None) -> None:
         """Applies the mean gradient with ``optimizer``, then resets the window.
@@ -160,19 +224,43 @@ class GradientAccumulator(tf.Module):  # type: ignore[misc]
         never the micro-batch gradients. A window whose total weight is zero (only empty
         micro-batches) is a documented no-op: no update, ``optimizer.iterations`` unchanged.
         """
+        self._apply_where(None, optimizer, clip_global_norm)
+
+    def _apply_where(self, pred: Any, optimizer: Any, clip_global_norm: float | None) -> None:
+        """``apply`` if the bool tensor ``pred`` is true (always if ``None``), one ``tf.cond``."""
 
         def update() -> tf.Tensor:
-            gradients = self.mean_gradients()
-            gradients = clip_gradients(gradients, clip_global_norm, optimizer)
+            gradients = clip_gradients(self.mean_gradients(), clip_global_norm, optimizer)
             optimizer.apply_gradients(zip(gradients, self._variables, strict=False))
             return tf.constant(True)
 
-        tf.cond(self.total_weight > 0, update, lambda: tf.constant(False))
-        self.reset()
+        take = self._state()[1] > 0
+        if pred is not None:
+            take = tf.logical_and(pred, take)
+        tf.cond(take, update, lambda: tf.constant(False))
+        self._reset_where(pred)
 
     def reset(self) -> None:
         """Empties the window (every replica's share of it, under a strategy)."""
-        for total in self._sums:
-            reset_on_read(total, tf.zeros(total.shape, total.dtype))
-        reset_on_read(self.total_weight, tf.constant(0.0, tf.float64))
-        reset_on_read(self.count, tf.constant(0, tf.int64))
+        self._reset_where(None)
+
+    def _reset_where(self, pred: Any) -> None:
+        """``reset`` if the bool tensor ``pred`` is true (always if ``None``)."""
+        if self._registers.state is not None:
+            self._registers.state = tf.nest.map_structure(
+                lambda t: tf.zeros_like(t) if pred is None else tf.where(pred, tf.zeros_like(t), t),
+                self._registers.state,
+            )
+            return
+
+        def reset() -> tf.Tensor:
+            for total in self._sums:
+                reset_on_read(total, tf.zeros(total.shape, total.dtype))
+            reset_on_read(self.total_weight, tf.constant(0.0, tf.float64))
+            reset_on_read(self.count, tf.constant(0, tf.int64))
+            return tf.constant(True)
+
+        if pred is None:
+            reset()
+        else:
+            tf.cond(pred, reset, lambda: tf.constant(False))

@@ -143,7 +143,6 @@ class Trainer:
             self.loss_tracker = keras.metrics.Mean(name="loss")
             self.compiled_metrics: list[keras.metrics.Metric] = []
             self._accumulator: GradientAccumulator | None = None
-            self._closes_window: tf.Tensor | None = None
             # What to do with NaN/Inf gradients: "ignore" (apply them), "skip" or "raise" (drop
             # the update in-graph; NonFiniteGuard raises on the host). Read when tracing.
             self.non_finite: Literal["ignore", "skip", "raise"] = "ignore"
@@ -270,8 +269,12 @@ class Trainer:
         if accumulator is None:
             self._unless_non_finite(gradients, loss, lambda: self._update(gradients))
             return
-        self._unless_non_finite(gradients, loss, lambda: accumulator.accumulate(gradients, weight))
-        self._close_window(self._closes_window)
+        # The compiled loop closes the window (applies the update) once it is full.
+        keep = None
+        if self.non_finite != "ignore":
+            keep, bad = self._non_finite_flags(gradients, loss)
+            self._record_dropped(keep, bad)
+        accumulator.accumulate(gradients, weight, keep)
 
     def _close_window(self, epoch_end: tf.Tensor | None) -> None:
         """Applies the accumulated window if it is full, or partial at the end of the epoch
@@ -287,18 +290,9 @@ class Trainer:
             drops = tf.logical_and(epoch_end, tf.logical_not(ready))
         else:
             closes, drops = tf.logical_or(ready, epoch_end), None
-
-        def update() -> tf.Tensor:
-            accumulator.apply(self.optimizer, self.clip_global_norm)
-            return tf.constant(True)
-
-        def discard() -> tf.Tensor:
-            accumulator.reset()
-            return tf.constant(True)
-
-        tf.cond(closes, update, lambda: tf.constant(False))
+        accumulator._apply_where(closes, self.optimizer, self.clip_global_norm)
         if drops is not None:
-            tf.cond(drops, discard, lambda: tf.constant(False))
+            accumulator._reset_where(drops)
 
     def _uses_window(self) -> bool:
         """Under a strategy: whether updates go through the on-read accumulator.
@@ -340,14 +334,7 @@ class Trainer:
         assert accumulator is not None
         keep = None
         if self.non_finite != "ignore":
-            local_bad = tf.stack(
-                [
-                    tf.cast(tf.logical_not(tf.reduce_all(tf.math.is_finite(t))), tf.float32)
-                    if t is not None
-                    else tf.constant(0.0)
-                    for t in [loss, *gradients]
-                ]
-            )
+            _, local_bad = self._non_finite_flags(gradients, loss)
             context = tf.distribute.get_replica_context()
             bad = context.all_reduce(tf.distribute.ReduceOp.SUM, local_bad)
             keep = tf.reduce_all(tf.equal(bad, 0.0))
@@ -355,7 +342,8 @@ class Trainer:
         accumulator.accumulate(gradients, weight, keep)
 
     def _record_dropped(self, kept: tf.Tensor, bad: tf.Tensor) -> None:
-        """Cross-replica context: the non-finite bookkeeping of a dropped micro-batch."""
+        """The non-finite bookkeeping of a dropped micro-batch (``bad[j] > 0``: tensor ``j``,
+        the loss then each gradient, was not finite). Cross-replica context under a strategy."""
 
         def skip() -> tf.Tensor:
             step = tf.cast(self.optimizer.iterations, tf.int64)
@@ -371,6 +359,21 @@ class Trainer:
 
         tf.cond(kept, lambda: tf.constant(True), skip)
 
+    @staticmethod
+    def _non_finite_flags(gradients: list[Any], loss: Any) -> tuple[tf.Tensor, tf.Tensor]:
+        """Whether the micro-batch is finite, and per tensor (loss, then gradients) whether
+        it is not (1.0). The loss is checked too: a NaN picked by tf.where has a finite (zero)
+        gradient."""
+        bad = tf.stack(
+            [
+                tf.cast(tf.logical_not(tf.reduce_all(tf.math.is_finite(t))), tf.float32)
+                if t is not None
+                else tf.constant(0.0)
+                for t in [loss, *gradients]
+            ]
+        )
+        return tf.reduce_all(tf.equal(bad, 0.0)), bad
+
     def _update(self, gradients: list[Any]) -> None:
         gradients = clip_gradients(gradients, self.clip_global_norm, self.optimizer)
         self.optimizer.apply_gradients(zip(gradients, self.trainable_variables, strict=False))
@@ -379,29 +382,14 @@ class Trainer:
         if self.non_finite == "ignore":
             action()
             return
-        # The loss is checked too: a NaN picked by tf.where has a finite (zero) gradient.
-        flags = [
-            tf.reduce_all(tf.math.is_finite(t)) if t is not None else tf.constant(True)
-            for t in [loss, *gradients]
-        ]
-        finite = tf.reduce_all(flags)
+        finite, bad = self._non_finite_flags(gradients, loss)
 
         def run() -> tf.Tensor:
             action()
             return tf.constant(True)
 
-        def skip() -> tf.Tensor:
-            step = tf.cast(self.optimizer.iterations, tf.int64)
-            first = self._first_non_finite_step
-            is_first = first < 0
-            first.assign(tf.where(is_first, step, first))
-            which = tf.argmin(tf.cast(tf.stack(flags), tf.int32), output_type=tf.int64)
-            tensor = self._first_non_finite_tensor
-            tensor.assign(tf.where(is_first, which, tensor))
-            self._non_finite_steps.assign_add(1)
-            return tf.constant(False)
-
-        tf.cond(finite, run, skip)
+        tf.cond(finite, run, lambda: tf.constant(False))
+        self._record_dropped(finite, bad)
 
     @property
     def first_non_finite_step(self) -> int:
