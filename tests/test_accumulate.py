@@ -36,12 +36,18 @@ def fit(data, *, batch_size, accumulate, optimizer, clip=None, epochs=2, steps="
     optimizer=st.sampled_from(["sgd", "adam"]),
     weighted=st.booleans(),
     clip=st.sampled_from([None, 0.05]),
+    fused=st.sampled_from([(False, "auto"), (True, 1), (True, 5), (True, "auto")]),
 )
-def test_accumulated_update_equals_big_batch_update(n, micro, k, optimizer, weighted, clip):
+def test_accumulated_update_equals_big_batch_update(n, micro, k, optimizer, weighted, clip, fused):
+    # Under XLA whole windows are unrolled; steps_per_execution 1 and 5 cut windows into
+    # pieces the loop runs step by step, "auto" runs the whole epoch in one execution.
+    jit, steps = fused
     x, y = make_data(n)
     weights = np.random.default_rng(n).uniform(0.1, 3.0, n).astype("float32")
     data = (x, y, weights) if weighted else (x, y)
-    accumulated, got = fit(data, batch_size=micro, accumulate=k, optimizer=optimizer, clip=clip)
+    accumulated, got = fit(
+        data, batch_size=micro, accumulate=k, optimizer=optimizer, clip=clip, jit=jit, steps=steps
+    )
     _, expected = fit(data, batch_size=micro * k, accumulate=1, optimizer=optimizer, clip=clip)
     assert_weights_equal(got, expected, rtol=1e-5, atol=1e-6)
     micro_batches = -(-n // micro)

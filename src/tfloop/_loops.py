@@ -201,18 +201,36 @@ def _train_function(trainer: Trainer, jit: bool) -> Any:
     return tf.function(train_steps, jit_compile=jit)
 
 
+_UNROLL_MAX = 8
+"""The largest window the accumulating loop unrolls (longer ones trace k copies of the step)."""
+
+
 def _accumulating_train_function(trainer: Trainer, jit: bool) -> Any:
     """The train loop with ``accumulate_steps > 1``: one inner loop per window.
 
     The accumulator's sums are read once, carried through the loop as loop variables and
     written back once (see ``GradientAccumulator._stage``), and the window is closed (one
-    ``tf.cond``) after its inner loop, not tested after every micro-batch. Measured on the
-    mlp workload, variables written and a ``cond`` at every step ran at 0.6x the speed of no
-    accumulation.
+    ``tf.cond``) after its micro-batches, not tested after every one. When every step adds
+    exactly one micro-batch (tfloop's own ``train_step``, no non-finite policy) a whole window
+    is unrolled under XLA: its ``k`` steps are one straight block, with no loop between them.
+    Measured on the mlp workload against no accumulation: variables written and a ``cond``
+    at every step, 0.5x; a loop per window, 1.0-1.1x; unrolled windows, 1.5x (hand-written).
     """
+    from tfloop.trainer import Trainer
+
     accumulator = trainer._accumulator
     assert accumulator is not None
     steps = accumulator.steps
+    # Only under XLA: without it, TF's graph optimizer rewrites the unrolled sum (it factors
+    # out the common micro-batch weight), which is not bit-identical to summing step by step,
+    # and any steps_per_execution must give bit-identical weights without XLA.
+    unrolls = (
+        jit
+        and steps <= _UNROLL_MAX
+        and trainer.non_finite == "ignore"
+        and type(trainer).train_step is Trainer.train_step
+        and type(trainer).apply_gradients is Trainer.apply_gradients
+    )
 
     def train_steps(data: Nested, start: tf.Tensor, stop: tf.Tensor, flush_at: tf.Tensor) -> Any:
         step_spec = _step_logs_spec(trainer, "train_step", data)
@@ -220,6 +238,15 @@ def _accumulating_train_function(trainer: Trainer, jit: bool) -> Any:
         state = accumulator._load()
         i = start
         while i < stop:
+            if unrolls:
+                # Whole windows: the window is empty and its k micro-batches are all here.
+                while state[2] == 0 and i + steps <= stop:
+                    accumulator._stage(state)
+                    for j in range(steps):
+                        trainer.train_step(_step_batch(data, i + j))
+                    accumulator.apply(trainer.optimizer, trainer.clip_global_norm)
+                    state = accumulator._unstage()
+                    i += steps
             # The micro-batches of one window (fewer if the chunk ends first); train_step's
             # apply_gradients adds each to the staged state.
             while i < stop and state[2] < steps:
