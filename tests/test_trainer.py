@@ -364,3 +364,50 @@ def test_jit_auto_runs_convolutions_on_a_cpu_without_xla_and_true_still_uses_it(
     assert forced._loop("train").jit is True
     # a model without convolutions keeps XLA under "auto"
     assert tfloop.Trainer(make_model(), "sgd", "mse")._loop("train").jit is True
+
+
+def test_user_code_keeps_autograph_python_control_flow_on_tensors():
+    # tfloop's own code is not converted by AutoGraph (warm-up), but what users write is: a
+    # Python `if`/`while` on tensors in an overridden compute_loss, a loss function and a
+    # tf.Module's __call__ all trace as tf.cond / tf.while_loop.
+    class Gate(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = tf.Variable(tf.ones([5, 3]) * 0.1)
+
+        def __call__(self, x):
+            y = tf.matmul(x, self.w)
+            if tf.reduce_sum(y) > 1e9:  # never: but a Python bool of a tensor needs AutoGraph
+                y = y * 0.0
+            return y
+
+    def loss_fn(y_true, y_pred):
+        loss = tf.reduce_mean(tf.square(y_true - y_pred), axis=-1)
+        if tf.reduce_any(loss < 0):
+            loss = -loss
+        return loss
+
+    class Clipped(tfloop.Trainer):
+        def compute_loss(self, batch, training):
+            loss = super().compute_loss(batch, training)
+            scale, i = tf.constant(1.0), tf.constant(0)
+            while i < 2:
+                scale = scale * 1.0
+                i += 1
+            return loss * scale
+
+    x, y = make_data(24)
+    for jit in (False, True):
+        model = Gate()
+        trainer = Clipped(model, keras.optimizers.SGD(0.1), loss_fn, jit_compile=jit, seed=0)
+        history = trainer.fit((x, y), epochs=3, batch_size=8, verbose=0)
+        assert history.history["loss"][-1] < history.history["loss"][0]
+        assert trainer.evaluate((x, y), batch_size=8, verbose=0)["loss"] > 0
+        assert trainer.predict(x, batch_size=8).shape == (24, 3)
+
+
+def test_tfloop_own_code_is_not_converted_by_autograph():
+    from tensorflow.python.autograph.impl import conversion
+
+    assert conversion.is_allowlisted(tfloop.Trainer.train_step)
+    assert conversion.is_allowlisted(tfloop.GradientAccumulator.accumulate)

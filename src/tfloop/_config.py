@@ -16,6 +16,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfloop._autograph import user_code
 from tfloop.callbacks import Callback
 from tfloop.checkpoint import Checkpointer
 from tfloop.errors import ConfigError
@@ -80,7 +81,7 @@ class _LossFunction(keras.losses.Loss):  # type: ignore[misc]
         self.fn = fn
 
     def call(self, y_true: Any, y_pred: Any) -> Any:
-        return self.fn(y_true, y_pred)
+        return user_code(self.fn)(y_true, y_pred)
 
 
 def _validate_metric_specs(metrics: Any) -> list[Any]:

@@ -22,6 +22,7 @@ import tensorflow as tf
 
 from tfloop import _distribute
 from tfloop import data as data_lib
+from tfloop._autograph import user_code
 from tfloop._config import (
     _resolve_checkpoint,
     _resolve_loss,
@@ -217,7 +218,7 @@ class Trainer:
         extra = getattr(self.model, "losses", None)
         if extra:
             loss = loss + tf.add_n([tf.cast(term, loss.dtype) for term in extra])
-        self.update_metrics(y, y_pred, sample_weight)
+        user_code(self.update_metrics)(y, y_pred, sample_weight)
         return loss
 
     def update_metrics(self, y: Nested, y_pred: Nested, sample_weight: Nested = None) -> None:
@@ -232,13 +233,13 @@ class Trainer:
         values of the last step of each execution are added to the logs.
         """
         with tf.GradientTape() as tape:
-            loss = self.compute_loss(batch, training=True)
+            loss = user_code(self.compute_loss)(batch, training=True)
             # Mixed precision: a LossScaleOptimizer scales the loss here and unscales the
             # (accumulated) gradient when it applies it, skipping the update on overflow.
             scaled_loss = self.optimizer.scale_loss(loss)
         gradients = tape.gradient(scaled_loss, self.trainable_variables)
         examples = data_lib.batch_size_of(batch)
-        self.apply_gradients(gradients, weight=examples, loss=loss)
+        user_code(self.apply_gradients)(gradients, weight=examples, loss=loss)
         if self.non_finite != "ignore":
             # A dropped step does not count in the epoch's mean loss either.
             finite = tf.math.is_finite(loss)
@@ -398,7 +399,7 @@ class Trainer:
 
     def test_step(self, batch: Nested) -> dict[str, tf.Tensor] | None:
         """One evaluation batch: loss and metrics, no update."""
-        loss = self.compute_loss(batch, training=False)
+        loss = user_code(self.compute_loss)(batch, training=False)
         self.loss_tracker.update_state(loss, sample_weight=data_lib.batch_size_of(batch))
         return None
 
@@ -411,7 +412,7 @@ class Trainer:
         # Keras layers take a training flag (Dropout, BatchNorm); a plain tf.Module may not.
         if isinstance(self.model, keras.layers.Layer):
             return self.model(x, training=training)
-        return self.model(x)
+        return user_code(self.model)(x)
 
     def _results(self) -> dict[str, tf.Tensor]:
         logs = {metric.name: metric.result() for metric in self.metrics}
