@@ -53,6 +53,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help=f"smoke test: {QUICK_SAMPLES:,} samples, 1 repetition; measures nothing meaningful",
     )
+    parser.add_argument(
+        "--samples",
+        type=int,
+        help="samples per epoch instead of the workload's own (e.g. a shorter wide-mlp run); "
+        "rounded down to whole batches",
+    )
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument(
         "--rss",
@@ -65,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--child-config", default="{}", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.reps = args.reps or (1 if args.quick else 5)
+    if args.samples is not None and args.samples < 1:
+        parser.error(f"--samples must be a positive number of samples, got {args.samples}")
     args.search_epochs = args.search_epochs or (1 if args.quick else 2)
     return args
 
@@ -112,6 +120,7 @@ def _run_child(
     command = [sys.executable, str(Path(__file__).resolve()), "--workload", workload]
     command += ["--device", args.device, "--child", name, "--child-config", json.dumps(config)]
     command += ["--quick"] if args.quick else []
+    command += ["--samples", str(args.samples)] if args.samples else []
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         return {"error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
@@ -144,7 +153,7 @@ def run_child(args: argparse.Namespace) -> None:
     from workloads import WORKLOADS
 
     workload = WORKLOADS[args.workload[0]]
-    num_samples = QUICK_SAMPLES if args.quick else workload.num_samples
+    num_samples = _num_samples(args, workload)
     result = child_measurement(
         workload,
         name=args.child,
@@ -153,6 +162,15 @@ def run_child(args: argparse.Namespace) -> None:
         seed=SEED,
     )
     print(json.dumps(result))
+
+
+def _num_samples(args: argparse.Namespace, workload: Any) -> int:
+    """Samples per epoch: ``--quick``'s, ``--samples`` (whole batches), or the workload's."""
+    if args.quick:
+        return QUICK_SAMPLES
+    if args.samples:
+        return max(workload.batch_size, args.samples // workload.batch_size * workload.batch_size)
+    return int(workload.num_samples)
 
 
 def _docs_page(sections: list[str], meta: dict[str, Any]) -> str:
@@ -178,6 +196,7 @@ def run_meta(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]
         "reps": args.reps,
         "search_epochs": args.search_epochs,
         "quick": args.quick,
+        "samples": args.samples,
         "versions": versions(),
     }
 
@@ -193,7 +212,7 @@ def run_and_report(
     workload = WORKLOADS[name]
     run = run_workload(
         workload,
-        num_samples=QUICK_SAMPLES if args.quick else workload.num_samples,
+        num_samples=_num_samples(args, workload),
         reps=args.reps,
         search_epochs=args.search_epochs,
         seed=SEED,

@@ -470,7 +470,7 @@ KERAS_SEARCH: tuple[Config, ...] = tuple(
 # jit_compile="auto": XLA where it helps (it turns XLA off for convolutions on a CPU, where XLA
 # runs them ~50x slower; forcing it would make the cnn search take hours).
 TFLOOP_SEARCH: tuple[Config, ...] = tuple(
-    {"steps_per_execution": k, "jit_compile": "auto"} for k in (16, 64, 128, 256)
+    {"steps_per_execution": k, "jit_compile": "auto"} for k in (16, 64, 128, 256, 1024)
 )
 
 CONTENDERS: dict[str, Contender] = {

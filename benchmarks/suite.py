@@ -141,7 +141,7 @@ def _prepare(
     flops = contender.flops_per_sample(setup.workload)
     epochs = search_epochs if len(contender.configs) > 1 else 0
     best: tuple[float, Prepared] | None = None
-    for config in contender.configs:
+    for config in _useful_configs(contender.configs, setup):
         label = f"{contender.name} {format_config(config)}"
         candidate = None
         try:
@@ -162,6 +162,14 @@ def _prepare(
         else:
             close_epoch_fn(candidate.epoch)
     return None if best is None else best[1]
+
+
+def _useful_configs(configs: tuple[Config, ...], setup: Setup) -> list[Config]:
+    """``configs`` without the ``steps_per_execution`` values above the steps of an epoch
+    (they run like the epoch's own count, over a superbatch padded to the larger size)."""
+    steps = max(1, setup.num_batches)
+    kept = [c for c in configs if int(c.get("steps_per_execution", 1)) <= steps]
+    return kept or list(configs[:1])
 
 
 def _promote_winner_warmup(run: WorkloadRun, winner: Prepared) -> None:

@@ -411,3 +411,26 @@ def test_tfloop_own_code_is_not_converted_by_autograph():
 
     assert conversion.is_allowlisted(tfloop.Trainer.train_step)
     assert conversion.is_allowlisted(tfloop.GradientAccumulator.accumulate)
+
+
+@pytest.mark.parametrize(
+    ("features", "batch_size", "expected_steps"),
+    [(1, 4, 1024), (784, 32, 64), (15, 64, 256)],
+)
+def test_auto_steps_per_execution_grows_for_tiny_batches(features, batch_size, expected_steps):
+    # 64 steps by default; tiny batches (a superbatch of 64 under 1 MiB) double K up to 1024
+    # while the superbatch stays under 1 MiB.
+    n = 2048 * batch_size
+    x = np.zeros((n, features), "float32")
+    y = np.zeros((n, 1), "float32")
+    ends = []
+
+    class Record(tfloop.Callback):
+        def on_train_batch_end(self, batch, logs):
+            ends.append(batch)
+
+    model = keras.Sequential([keras.Input((features,)), keras.layers.Dense(1)])
+    trainer = tfloop.Trainer(model, "sgd", "mse", jit_compile=False, callbacks=[Record()])
+    trainer.fit((x, y), batch_size=batch_size, verbose=0)
+    assert ends[0] + 1 == expected_steps
+    assert len(ends) == 2048 // expected_steps
