@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -381,38 +382,48 @@ def test_fit_that_raises_still_completes_the_pending_write(tmp_path, monkeypatch
     assert Path(tf.train.latest_checkpoint(str(tmp_path))).name == "ckpt-2"
 
 
-def test_a_failed_background_write_raises(tmp_path, monkeypatch):
-    class DiskFull(OSError):
-        pass
+class BlockSave(tfloop.Callback):
+    """Makes the save of checkpoint ``step`` fail for real: a file where its temporary directory
+    goes (fit has already removed the leftovers of interrupted saves when training starts)."""
 
-    def fail(self, checkpoint_number=None, **kwargs):
-        raise DiskFull("no space left on device")
+    def __init__(self, directory, step):
+        self.blocker = Path(directory) / f"ckpt-{step}_temp"
 
-    monkeypatch.setattr(tf.train.CheckpointManager, "save", fail)
-    with pytest.raises(CheckpointError, match="no space left") as raised:
-        fit(tmp_path, epochs=1, every_epoch=False)
-    assert isinstance(raised.value.__cause__, DiskFull)
+    def on_epoch_start(self, epoch, logs):
+        if epoch == 0:
+            self.blocker.write_text("not a directory")
 
 
-def test_a_failed_background_write_raises_at_the_next_save(tmp_path, monkeypatch):
-    save = tf.train.CheckpointManager.save
+def test_a_failed_background_write_raises(tmp_path):
+    trainer = tfloop.Trainer(
+        make_model(),
+        "adam",
+        "categorical_crossentropy",
+        callbacks=[BlockSave(tmp_path, 6)],  # the last save of the fit
+        checkpoint=tfloop.Checkpointer(tmp_path, every_n_steps=2, every_epoch=False),
+    )
+    with pytest.raises(CheckpointError, match=r"ckpt-6.*Not a directory") as raised:
+        trainer.fit(make_data(48), epochs=1, batch_size=8, verbose=0)
+    assert isinstance(raised.value.__cause__, tf.errors.OpError)
+    assert Path(tf.train.latest_checkpoint(str(tmp_path))).name == "ckpt-4"
 
-    def fail_once(self, checkpoint_number=None, **kwargs):
-        if checkpoint_number == 2:
-            raise OSError("the disk went away")
-        return save(self, checkpoint_number=checkpoint_number, **kwargs)
 
-    monkeypatch.setattr(tf.train.CheckpointManager, "save", fail_once)
+@pytest.mark.parametrize("async_save", [True, False])
+def test_a_failed_write_raises_at_the_next_save(tmp_path, async_save):
     trainer = tfloop.Trainer(
         make_model(),
         "adam",
         "categorical_crossentropy",
         steps_per_execution=1,
-        checkpoint=tfloop.Checkpointer(tmp_path, every_n_steps=2, every_epoch=False),
+        callbacks=[BlockSave(tmp_path, 2)],
+        checkpoint=tfloop.Checkpointer(
+            tmp_path, every_n_steps=2, every_epoch=False, async_save=async_save
+        ),
     )
-    with pytest.raises(CheckpointError, match=r"ckpt-2.*the disk went away"):
+    with pytest.raises(CheckpointError if async_save else tf.errors.OpError, match="ckpt-2"):
         trainer.fit(make_data(48), epochs=1, batch_size=8, verbose=0)
-    assert int(trainer.optimizer.iterations) == 4  # raised by the save at update 4
+    # a background write fails the save after it (at update 4), a synchronous one its own
+    assert int(trainer.optimizer.iterations) == (4 if async_save else 2)
     assert tf.train.latest_checkpoint(str(tmp_path)) is None
 
 
@@ -443,3 +454,195 @@ def test_a_callback_with_on_checkpoint_sees_a_complete_checkpoint(tmp_path, monk
     )
     trainer.fit(make_data(48), epochs=1, batch_size=8, verbose=0)
     assert seen == [True, True, True]
+
+
+# ------------------------------------------------------------------------------ compiled writes
+
+
+def checkpoint_tensors(prefix):
+    """Every tensor of a checkpoint (a tf.data iterator's state as its dtype only)."""
+    reader = tf.train.load_checkpoint(str(prefix))
+    return {
+        key: dtype if dtype == tf.variant else np.asarray(reader.get_tensor(key))
+        for key, dtype in reader.get_variable_to_dtype_map().items()
+    }
+
+
+def assert_same_tensors(left, right):
+    assert sorted(left) == sorted(right)
+    for key, value in left.items():
+        if isinstance(value, np.ndarray):
+            assert value.dtype == right[key].dtype and value.shape == right[key].shape, key
+            assert value.tolist() == right[key].tolist(), key  # NaN-free; strings too
+        else:
+            assert value == right[key], key
+
+
+class SaveTheManagersWay(tfloop.Callback):
+    """At every checkpoint, saves the same state again with ``CheckpointManager.save``."""
+
+    def __init__(self, directory):
+        self.directory = str(directory)
+        self.pairs = []
+
+    def on_checkpoint(self, path, logs):
+        checkpoint = self.trainer.checkpoint._checkpoint
+        checkpoint.save_counter.assign_sub(1)  # the manager counts this save once more
+        manager = tf.train.CheckpointManager(checkpoint, self.directory, max_to_keep=None)
+        step = int(path.rsplit("-", 1)[1])
+        self.pairs.append((path, manager.save(checkpoint_number=step)))
+
+
+@pytest.mark.parametrize("data", ["arrays", "dataset"])
+@pytest.mark.parametrize("async_save", [True, False])
+def test_compiled_writes_are_the_managers_own_checkpoints(tmp_path, data, async_save):
+    x, y = make_data(60)
+    source = (x, y)
+    if data == "dataset":
+        source = tf.data.Dataset.from_tensor_slices(source).shuffle(60, seed=3).batch(4)
+    slow = SaveTheManagersWay(tmp_path / "slow")
+    checkpointer = tfloop.Checkpointer(
+        tmp_path / "fast", every_n_steps=2, max_to_keep=20, async_save=async_save
+    )
+    trainer = tfloop.Trainer(
+        make_model(dropout=0.2),
+        "adam",
+        "categorical_crossentropy",
+        ["accuracy"],
+        accumulate_steps=2,
+        steps_per_execution=3,
+        callbacks=[slow],
+        checkpoint=checkpointer,
+        seed=0,
+    )
+    batch_size = None if data == "dataset" else 4
+    trainer.fit(source, epochs=2, batch_size=batch_size, verbose=0)  # 15 micro-batches an epoch
+    assert checkpointer._plan is not None and checkpointer._plan[1].compiled
+    # 8 updates an epoch (the last window is partial); the epoch end saves update 8 again
+    assert [Path(fast).name for fast, _ in slow.pairs] == [
+        f"ckpt-{step}" for step in (2, 4, 6, 8, 8, 10, 12, 14, 16, 16)
+    ]
+    for fast, managers in slow.pairs:
+        assert Path(fast).name == Path(managers).name
+        assert_same_tensors(checkpoint_tensors(fast), checkpoint_tensors(managers))
+        if data == "arrays":  # no iterator state, whose prefetch buffers may differ
+            for suffix in (".index", ".data-00000-of-00001"):
+                assert Path(fast + suffix).read_bytes() == Path(managers + suffix).read_bytes()
+    keys = checkpoint_tensors(slow.pairs[0][0])
+    assert any(key.startswith("accumulator/") for key in keys)
+    assert any(key.startswith("seed_generators/") for key in keys)
+    assert any(key.startswith("data/iterator/") for key in keys) == (data == "dataset")
+    assert tf.train.list_variables(slow.pairs[-1][0]) == tf.train.list_variables(slow.pairs[-1][1])
+
+
+def managers_way(monkeypatch):
+    """Makes every save TF's own ``CheckpointManager.save`` (fed the snapshot when async)."""
+    monkeypatch.setattr(tfloop.Checkpointer, "_compile", lambda *args: False)
+
+
+def index_state(directory):
+    state = tf.train.get_checkpoint_state(str(directory))
+    return state.model_checkpoint_path, list(state.all_model_checkpoint_paths)
+
+
+@pytest.mark.parametrize("async_save", [True, False])
+def test_compiled_writes_keep_max_to_keep_and_the_index_as_the_manager(
+    tmp_path, monkeypatch, async_save
+):
+    def run(directory):
+        checkpointer = tfloop.Checkpointer(
+            directory, every_n_steps=1, max_to_keep=3, async_save=async_save
+        )
+        fit(directory, epochs=3, checkpointer=checkpointer)  # 18 saves, the last one twice
+        return checkpointer
+
+    fast = run(tmp_path / "fast")
+    managers_way(monkeypatch)
+    slow = run(tmp_path / "slow")
+    assert fast._plan[1].compiled and not slow._plan[1].compiled
+    expected = [str(tmp_path / "fast" / f"ckpt-{step}") for step in (16, 17, 18)]
+    assert index_state(tmp_path / "fast") == (expected[-1], expected)
+    assert fast._manager.checkpoints == expected
+    assert tf.train.latest_checkpoint(str(tmp_path / "fast")) == expected[-1]
+    names = sorted(path.name for path in (tmp_path / "fast").iterdir())
+    assert names == sorted(path.name for path in (tmp_path / "slow").iterdir())
+    assert names == sorted(
+        ["checkpoint"]
+        + [f"ckpt-{s}{x}" for s in (16, 17, 18) for x in (".index", ".data-00000-of-00001")]
+    )
+    fast_index = (tmp_path / "fast" / "checkpoint").read_text().replace("fast", "slow")
+    timestamps = re.compile(r"\n(all_model_checkpoint_timestamps|last_preserved_timestamp):.*")
+    assert timestamps.sub("", fast_index) == timestamps.sub(
+        "", (tmp_path / "slow" / "checkpoint").read_text()
+    )
+
+
+def test_a_resume_from_compiled_writes_is_exact_with_a_dataset(tmp_path):
+    x, y = make_data(60)
+
+    class Crash(RuntimeError):
+        pass
+
+    class CrashAt(tfloop.Callback):
+        def on_train_batch_end(self, batch, logs):
+            if logs["step"] >= 11:
+                raise Crash
+
+    def run(directory, callbacks=()):
+        # A new dataset for every run, as a new process has (one dataset object draws a new
+        # shuffle seed for every iterator made from it), made after make_model sets the seed.
+        model = make_model(dropout=0.2)
+        dataset = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(60, seed=3).batch(4)
+        trainer = tfloop.Trainer(
+            model,
+            "adam",
+            "categorical_crossentropy",
+            ["accuracy"],
+            accumulate_steps=2,
+            steps_per_execution=3,
+            callbacks=list(callbacks),
+            checkpoint=tfloop.Checkpointer(directory, every_n_steps=3, every_epoch=False),
+            seed=0,
+        )
+        trainer.fit(dataset, epochs=3, verbose=0)
+        return trainer
+
+    straight = run(tmp_path / "straight")
+    with pytest.raises(Crash):
+        run(tmp_path / "resumed", [CrashAt()])
+    # the last checkpoint is mid-epoch 1, with the iterator's state and leftover batches
+    assert Path(tf.train.latest_checkpoint(str(tmp_path / "resumed"))).name == "ckpt-9"
+    assert any(
+        name.startswith("data/iterator/")
+        for name, _ in tf.train.list_variables(str(tmp_path / "resumed" / "ckpt-9"))
+    )
+    resumed = run(tmp_path / "resumed")
+    assert int(resumed.optimizer.iterations) == int(straight.optimizer.iterations) == 24
+    assert_weights_equal(weights_of(straight.model), weights_of(resumed.model))
+    for left, right in zip(straight.optimizer.variables, resumed.optimizer.variables, strict=True):
+        np.testing.assert_array_equal(np.asarray(left), np.asarray(right))
+
+
+@pytest.mark.parametrize("async_save", [True, False])
+def test_state_added_after_a_save_is_in_the_next_checkpoint(tmp_path, async_save):
+    class AddState(tfloop.Callback):
+        def on_train_batch_end(self, batch, logs):
+            if logs["step"] == 3:
+                self.trainer.checkpoint._checkpoint.extra = tf.Variable([7.0, 8.0])
+
+    trainer = tfloop.Trainer(
+        make_model(),
+        "adam",
+        "categorical_crossentropy",
+        steps_per_execution=1,
+        callbacks=[AddState()],
+        checkpoint=tfloop.Checkpointer(
+            tmp_path, every_n_steps=2, every_epoch=False, max_to_keep=5, async_save=async_save
+        ),
+    )
+    trainer.fit(make_data(48), epochs=1, batch_size=8, verbose=0)  # saves at 2, 4 and 6
+    key = "extra/.ATTRIBUTES/VARIABLE_VALUE"
+    assert key not in dict(tf.train.list_variables(str(tmp_path / "ckpt-2")))
+    for step in (4, 6):
+        reader = tf.train.load_checkpoint(str(tmp_path / f"ckpt-{step}"))
+        np.testing.assert_array_equal(reader.get_tensor(key), [7.0, 8.0])
