@@ -23,6 +23,22 @@ from tfloop.errors import CheckpointError, ConfigError
 JOB = Path(__file__).with_name("resume_job.py")
 
 
+class Crash(RuntimeError):
+    """Raised by ``CrashAt``: a run that dies mid-training."""
+
+
+class CrashAt(tfloop.Callback):
+    """Raises ``Crash`` at the first execution that reaches update ``step``."""
+
+    def __init__(self, step):
+        super().__init__()
+        self.step = step
+
+    def on_train_batch_end(self, batch, logs):
+        if logs["step"] >= self.step:
+            raise Crash
+
+
 def run_job(directory, out, *args, expect=0):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     result = subprocess.run(
@@ -266,14 +282,6 @@ def test_without_the_iterator_state_a_deterministic_dataset_resumes_by_count(tmp
     x, y = make_data(56)
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
 
-    class Crash(RuntimeError):
-        pass
-
-    class CrashAt(tfloop.Callback):
-        def on_train_batch_end(self, batch, logs):
-            if logs["step"] >= 10:
-                raise Crash
-
     def run(directory, callbacks=()):
         model = make_model()
         checkpointer = tfloop.Checkpointer(directory, every_n_steps=4, save_iterator=False)
@@ -291,7 +299,7 @@ def test_without_the_iterator_state_a_deterministic_dataset_resumes_by_count(tmp
 
     straight = run(tmp_path / "straight")
     with pytest.raises(Crash):
-        run(tmp_path / "resumed", [CrashAt()])  # last save: update 8, mid-epoch 1
+        run(tmp_path / "resumed", [CrashAt(10)])  # last save: update 8, mid-epoch 1
     resumed = run(tmp_path / "resumed")
     assert int(resumed.optimizer.iterations) == 21
     assert_weights_equal(weights_of(straight.model), weights_of(resumed.model))
@@ -359,21 +367,13 @@ def test_fit_returns_only_after_the_background_write_is_complete(tmp_path, monke
 def test_fit_that_raises_still_completes_the_pending_write(tmp_path, monkeypatch):
     slow_writes(monkeypatch)
 
-    class Crash(RuntimeError):
-        pass
-
-    class CrashAfterTheSave(tfloop.Callback):
-        def on_train_batch_end(self, batch, logs):
-            if logs["step"] >= 3:
-                raise Crash
-
     checkpointer = tfloop.Checkpointer(tmp_path, every_n_steps=2, every_epoch=False)
     trainer = tfloop.Trainer(
         make_model(),
         "adam",
         "categorical_crossentropy",
         steps_per_execution=1,
-        callbacks=[CrashAfterTheSave()],
+        callbacks=[CrashAt(3)],
         checkpoint=checkpointer,
     )
     with pytest.raises(Crash):
@@ -580,14 +580,6 @@ def test_compiled_writes_keep_max_to_keep_and_the_index_as_the_manager(
 def test_a_resume_from_compiled_writes_is_exact_with_a_dataset(tmp_path):
     x, y = make_data(60)
 
-    class Crash(RuntimeError):
-        pass
-
-    class CrashAt(tfloop.Callback):
-        def on_train_batch_end(self, batch, logs):
-            if logs["step"] >= 11:
-                raise Crash
-
     def run(directory, callbacks=()):
         # A new dataset for every run, as a new process has (one dataset object draws a new
         # shuffle seed for every iterator made from it), made after make_model sets the seed.
@@ -609,7 +601,7 @@ def test_a_resume_from_compiled_writes_is_exact_with_a_dataset(tmp_path):
 
     straight = run(tmp_path / "straight")
     with pytest.raises(Crash):
-        run(tmp_path / "resumed", [CrashAt()])
+        run(tmp_path / "resumed", [CrashAt(11)])
     # the last checkpoint is mid-epoch 1, with the iterator's state and leftover batches
     assert Path(tf.train.latest_checkpoint(str(tmp_path / "resumed"))).name == "ckpt-9"
     assert any(

@@ -415,11 +415,10 @@ def test_tfloop_own_code_is_not_converted_by_autograph():
 
 @pytest.mark.parametrize(
     ("features", "batch_size", "expected_steps"),
-    [(1, 4, 1024), (784, 32, 64), (15, 64, 256)],
+    [(1, 4, 1024), (784, 32, 128), (191, 64, 256), (784, 64, 64)],
 )
-def test_auto_steps_per_execution_grows_for_tiny_batches(features, batch_size, expected_steps):
-    # 64 steps by default; tiny batches (a superbatch of 64 under 1 MiB) double K up to 1024
-    # while the superbatch stays under 1 MiB.
+def test_auto_steps_per_execution_grows_for_small_batches(features, batch_size, expected_steps):
+    # From 64 steps, "auto" doubles K up to 1024 while the superbatch stays under 16 MiB.
     n = 2048 * batch_size
     x = np.zeros((n, features), "float32")
     y = np.zeros((n, 1), "float32")
