@@ -52,7 +52,7 @@ SUPERBATCH_MEMORY_CAP = 64 * 2**20
 AUTO_STEPS_PER_EXECUTION = 64
 # Small batches make steps so cheap that the host's ~0.5 ms per execution counts: "auto" doubles
 # K from 64 up to AUTO_STEPS_MAX while the superbatch stays under SMALL_SUPERBATCH. The linear
-# workload (batch 4) ran 4x faster at 1024 than at 64, the mlp (batch 32 x 784) 5% faster at
+# workload (batch 4) ran ~11x faster at 1024 than at 64, the mlp (batch 32 x 784) 5% faster at
 # 128; a larger superbatch costs memory (and cache) for little more.
 SMALL_SUPERBATCH = 16 * 2**20
 AUTO_STEPS_MAX = 1024
