@@ -183,8 +183,9 @@ def test_resume_from_a_save_on_the_last_update_of_an_epoch(tmp_path):
 def test_leftover_temporary_files_are_removed_on_start(tmp_path):
     (tmp_path / "ckpt-9_temp").mkdir()
     (tmp_path / "ckpt-9_temp" / "part-00000-of-00001.data-00000-of-00001").write_text("x")
+    (tmp_path / "ckpt-9.index.tempstate123").write_text("x")
     fit(tmp_path, epochs=1)
-    assert not list(tmp_path.glob("*_temp*"))
+    assert not list(tmp_path.glob("*_temp*")) and not list(tmp_path.glob("*.tempstate*"))
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
@@ -383,15 +384,15 @@ def test_fit_that_raises_still_completes_the_pending_write(tmp_path, monkeypatch
 
 
 class BlockSave(tfloop.Callback):
-    """Makes the save of checkpoint ``step`` fail for real: a file where its temporary directory
-    goes (fit has already removed the leftovers of interrupted saves when training starts)."""
+    """Makes the save of checkpoint ``step`` fail for real: a directory where its data file goes
+    (made once training has started, so the step's earlier checkpoints are not affected)."""
 
     def __init__(self, directory, step):
-        self.blocker = Path(directory) / f"ckpt-{step}_temp"
+        self.blocker = Path(directory) / f"ckpt-{step}.data-00000-of-00001"
 
     def on_epoch_start(self, epoch, logs):
         if epoch == 0:
-            self.blocker.write_text("not a directory")
+            self.blocker.mkdir()
 
 
 def test_a_failed_background_write_raises(tmp_path):
@@ -402,7 +403,7 @@ def test_a_failed_background_write_raises(tmp_path):
         callbacks=[BlockSave(tmp_path, 6)],  # the last save of the fit
         checkpoint=tfloop.Checkpointer(tmp_path, every_n_steps=2, every_epoch=False),
     )
-    with pytest.raises(CheckpointError, match=r"ckpt-6.*Not a directory") as raised:
+    with pytest.raises(CheckpointError, match=r"ckpt-6.*[Ii]s a directory") as raised:
         trainer.fit(make_data(48), epochs=1, batch_size=8, verbose=0)
     assert isinstance(raised.value.__cause__, tf.errors.OpError)
     assert Path(tf.train.latest_checkpoint(str(tmp_path))).name == "ckpt-4"
