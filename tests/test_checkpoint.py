@@ -487,8 +487,15 @@ class SaveTheManagersWay(tfloop.Callback):
         self.pairs = []
 
     def on_checkpoint(self, path, logs):
-        checkpoint = self.trainer.checkpoint._checkpoint
+        checkpointer = self.trainer.checkpoint
+        checkpoint = checkpointer._checkpoint
         checkpoint.save_counter.assign_sub(1)  # the manager counts this save once more
+        # tfloop passes its metadata and leftover batches to the write, not through the
+        # variables the manager saves
+        reader = tf.train.load_checkpoint(path)
+        for name in ("metadata", "leftover"):
+            value = reader.get_tensor(f"{name}/.ATTRIBUTES/VARIABLE_VALUE")
+            getattr(checkpointer, f"_{name}").assign(value)
         manager = tf.train.CheckpointManager(checkpoint, self.directory, max_to_keep=None)
         step = int(path.rsplit("-", 1)[1])
         self.pairs.append((path, manager.save(checkpoint_number=step)))
@@ -534,6 +541,31 @@ def test_compiled_writes_are_the_managers_own_checkpoints(tmp_path, data, async_
     assert any(key.startswith("seed_generators/") for key in keys)
     assert any(key.startswith("data/iterator/") for key in keys) == (data == "dataset")
     assert tf.train.list_variables(slow.pairs[-1][0]) == tf.train.list_variables(slow.pairs[-1][1])
+
+
+def test_a_dataset_iterator_is_saved_by_the_compiled_write(tmp_path, monkeypatch):
+    manager_saves = []
+    original = tf.train.CheckpointManager.save
+
+    def counted(self, *args, **kwargs):
+        manager_saves.append(args)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(tf.train.CheckpointManager, "save", counted)
+    x, y = make_data(48)
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(48, seed=1).batch(8)
+    checkpointer = tfloop.Checkpointer(tmp_path, every_n_steps=2, every_epoch=False)
+    trainer = tfloop.Trainer(
+        make_model(),
+        "adam",
+        "categorical_crossentropy",
+        steps_per_execution=1,
+        checkpoint=checkpointer,
+    )
+    trainer.fit(dataset, epochs=1, verbose=0)  # 6 batches: saves at updates 2, 4 and 6
+    assert manager_saves == [] and checkpointer._plan[1].compiled
+    keys = dict(tf.train.list_variables(str(tmp_path / "ckpt-2")))
+    assert "data/iterator/.ATTRIBUTES/ITERATOR_STATE" in keys
 
 
 def managers_way(monkeypatch):

@@ -385,18 +385,11 @@ class Checkpointer:
             "iterator": False,
             "leftover_runs": 0,
         }
-        if hasattr(self._data, "iterator"):
-            del self._data.iterator
-        self.saved_iterator = False
+        self._attach_iterator(stream)
         leaves: list[tf.Tensor] = []
         if stream is not None and stream.iterator is not None and self.save_iterator:
-            # An exhausted iterator is not saved: restoring one disturbs the shuffle seeds of
-            # the iterators made after it. "Exhausted" plus the leftover batches says it all.
             if stream.exhausted:
                 metadata["exhausted"] = True
-            else:
-                self._data.iterator = stream.iterator
-                self.saved_iterator = True
             metadata["iterator"] = True
             runs = stream.leftover()
             for run in runs:
@@ -405,16 +398,18 @@ class Checkpointer:
                 metadata["leftover_runs"] = len(runs)
                 metadata["leftover_dtypes"] = [t.dtype.name for t in tf.nest.flatten(runs[0])]
                 metadata["leftover_structure"] = json.dumps(_structure(runs[0]))
-        self._leftover.assign(tf.stack(leaves) if leaves else _no_leftover())
-        self._metadata.assign(json.dumps(metadata))
+        leftover = tf.stack(leaves) if leaves else _no_leftover()
+        encoded = tf.constant(json.dumps(metadata))
         # A preemption save is the manager's own: the last save of the process takes the
         # well-trodden path. So is every save under a tf.distribute strategy: reading on-read
         # variables is a cross-replica reduction, which must not run on another thread.
         snapshot = None
         if not self.preempted and getattr(self._trainer, "strategy", None) is None:
-            snapshot = self._snapshot(compiled_only=not self.async_save)
+            snapshot = self._snapshot(encoded, leftover, compiled_only=not self.async_save)
         path = self._path(step)
         if snapshot is None:
+            self._leftover.assign(leftover)
+            self._metadata.assign(encoded)
             path = self._manager.save(checkpoint_number=step)
         elif self.async_save:
             self._writing = self._writer = path
@@ -425,6 +420,26 @@ class Checkpointer:
         self._last_position = (epoch, batch, step)
         self.last_saved = path
         return path
+
+    def _attach_iterator(self, stream: StepStream | None) -> None:
+        """Puts the ``tf.data`` iterator of ``stream`` into the saved state, or takes it out.
+
+        An exhausted iterator is not saved: restoring one disturbs the shuffle seeds of the
+        iterators made after it. "Exhausted" plus the leftover batches says it all.
+        """
+        saves = (
+            stream is not None
+            and stream.iterator is not None
+            and self.save_iterator
+            and not stream.exhausted
+        )
+        self.saved_iterator = saves
+        if saves:
+            assert stream is not None
+            if getattr(self._data, "iterator", None) is not stream.iterator:
+                self._data.iterator = stream.iterator
+        elif hasattr(self._data, "iterator"):
+            del self._data.iterator
 
     def wait(self, *, raise_error: bool = True) -> None:
         """Blocks until a background write is complete; raises CheckpointError if it failed.
@@ -453,18 +468,14 @@ class Checkpointer:
         assert self._manager is not None
         return f"{self._manager._prefix}-{step}"
 
-    def _snapshot(self, *, compiled_only: bool = False) -> _Snapshot | _SnapshotMap | None:
-        """Freezes the tensors of every saved object now, for a write that comes later.
+    def _current_plan(self) -> _Plan | None:
+        """The plan of the saved objects as they are now.
 
         The saved objects are walked every time (a fraction of a millisecond), and the plan made
         again whenever they changed: an object added since the last save (a new ``tf.data``
-        iterator, a lazily built layer) is in this checkpoint, never silently left out.
-
-        Returns a :class:`_Snapshot` for the plan's compiled write, or a :class:`_SnapshotMap`
-        for TF's own save of the frozen objects when the plan could not be compiled (or, with
-        ``compiled_only``, None then). None also when an object cannot be frozen (legacy
-        saveables, Python state, a TF without the object-map hook); that checkpoint is then
-        the manager's synchronous save.
+        iterator, a lazily built layer) is in this checkpoint, never silently left out. None
+        when an object cannot be frozen (legacy saveables, Python state) or TF lacks the
+        object-map hook.
         """
         assert self._checkpoint is not None
         saver = getattr(self._checkpoint, "_saver", None)
@@ -474,10 +485,31 @@ class Checkpointer:
         objects, edges = _walk(view)
         if self._plan is None or not _same_edges(self._plan[0], edges):
             self._plan = (edges, self._make_plan(objects))
-        plan = self._plan[1]
+        return self._plan[1]
+
+    def _snapshot(
+        self,
+        metadata: tf.Tensor,
+        leftover: tf.Tensor,
+        *,
+        compiled_only: bool = False,
+    ) -> _Snapshot | _SnapshotMap | None:
+        """Freezes the tensors of every saved object now, for a write that comes later.
+
+        ``metadata`` and ``leftover`` are the values of the checkpoint's own two variables,
+        passed as tensors instead of assigned (two eager ops less per save).
+
+        Returns a :class:`_Snapshot` for the plan's compiled write, or a :class:`_SnapshotMap`
+        for TF's own save of the frozen objects when the plan could not be compiled (or, with
+        ``compiled_only``, None then). None also when there is no plan (see
+        :meth:`_current_plan`); that checkpoint is then the manager's synchronous save.
+        """
+        plan = self._current_plan()
         if plan is None or (compiled_only and plan.compiled is False):
             return None
         values = list(plan.read())
+        values[plan.metadata] = metadata
+        values[plan.leftover] = leftover
         frozen = []
         for obj in plan.others:
             stand_in = _freeze(obj)
@@ -516,6 +548,9 @@ class Checkpointer:
             if frozen is _CANNOT_FREEZE:
                 return None
             (plan.unchanged if frozen is None else plan.others).append(obj)
+        positions = {id(variable): index for index, variable in enumerate(plan.sources)}
+        plan.metadata = positions[id(self._metadata)]
+        plan.leftover = positions[id(self._leftover)]
         key = [id(v) for v in plan.sources]
         if self._reader is None or self._reader[0] != key:
             sources = list(plan.sources)
@@ -746,6 +781,8 @@ class _Plan:
         self.layout: list[list[tuple[str, ...]]] = []  # the tensor names of each of ``others``
         self.write: Any = None  # (path, snapshot values + [graph]) -> writes the files
         self.graph: Any = None  # the serialized object graph: it only depends on the objects
+        # the positions in ``sources`` of the checkpoint's metadata and leftover batches
+        self.metadata = self.leftover = -1
 
 
 class _Snapshot:
@@ -917,11 +954,7 @@ _VARIABLE_VALUE = trackable_base.VARIABLE_VALUE_KEY
 
 def _freeze(obj: Any) -> Any:
     """A frozen copy of what ``obj`` saves; None if it saves nothing; or _CANNOT_FREEZE."""
-    if (
-        isinstance(obj, python_state.PythonState)
-        or registration.get_registered_saver_name(obj)
-        or saveable_compat.get_saveable_name(obj)
-    ):
+    if isinstance(obj, python_state.PythonState) or registration.get_registered_saver_name(obj):
         return _CANNOT_FREEZE
     if not saveable_object_util.trackable_has_serialize_to_tensor(obj):
         # Legacy SaveableObjects are read when written: they cannot be frozen.
@@ -930,7 +963,13 @@ def _freeze(obj: Any) -> Any:
     if tensors is _CANNOT_FREEZE:
         return _CANNOT_FREEZE
     kind = _FrozenVariable if resource_variable_ops.is_resource_variable(obj) else _Frozen
-    return kind(tensors, checkpoint_util.get_full_name(obj))
+    frozen = kind(tensors, checkpoint_util.get_full_name(obj))
+    legacy_name = saveable_compat.get_saveable_name(obj)
+    if legacy_name:
+        # The name its tensors are saved under (a tf.data iterator's is "ITERATOR"): the
+        # stand-in's tensors must get the same checkpoint keys.
+        saveable_compat.legacy_saveable_name(legacy_name)(frozen)
+    return frozen
 
 
 def _frozen_values(values: dict[str, Any]) -> Any:
