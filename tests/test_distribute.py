@@ -244,10 +244,14 @@ def _free_ports(count: int) -> list[int]:
     return ports
 
 
-def _start_workers(tmp_path: Path, die_at: int = -1) -> list[subprocess.Popen]:
+def _start_workers(
+    tmp_path: Path, die_at: int = -1, checkpoints: Path | None = None
+) -> list[subprocess.Popen]:
     ports = ",".join(str(p) for p in _free_ports(2))
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(HERE)}
     env.pop("TF_CONFIG", None)
+    if checkpoints is not None:
+        env["TFLOOP_TEST_CHECKPOINTS"] = str(checkpoints)
     return [
         subprocess.Popen(
             [sys.executable, str(HERE / "worker_job.py"), str(index), ports, str(tmp_path)]
@@ -305,3 +309,45 @@ def test_a_dead_worker_is_reported_not_hung(tmp_path):
     assert dead_code == 3
     assert chief_code != 0
     assert "WorkerError" in chief_output and "restart every worker" in chief_output
+
+
+@pytest.mark.slow
+def test_a_restarted_cluster_resumes_from_the_chiefs_checkpoint(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    # worker 1 dies after update 5; the saves at updates 2 and 4 were made by both workers
+    results = _finish(_start_workers(tmp_path, die_at=5, checkpoints=checkpoints), timeout=240)
+    (chief_code, chief_output), (dead_code, _) = results
+    assert dead_code == 3 and chief_code != 0, chief_output[-3000:]
+    assert Path(tf.train.latest_checkpoint(str(checkpoints))).name == "ckpt-4"
+    # the other worker's copies are deleted after each save
+    assert sorted(p.name for p in checkpoints.iterdir() if p.name.startswith(".")) == []
+
+    results = _finish(_start_workers(tmp_path, checkpoints=checkpoints), timeout=240)
+    for code, output in results:
+        assert code == 0, output[-3000:]
+    from worker_job import train_single
+
+    single = train_single()
+    for index in range(2):
+        saved = np.load(tmp_path / f"worker-{index}.npz")
+        assert int(saved["first_step"]) == 4  # restored, not started afresh
+        assert_weights_equal(
+            [saved[f"w{i}"] for i in range(len(single["weights"]))],
+            single["weights"],
+            rtol=1e-5,
+            atol=1e-7,
+        )
+
+
+@pytest.mark.slow
+def test_workers_that_restore_different_checkpoints_stop(tmp_path):
+    # a directory per worker: only the chief's holds checkpoints
+    checkpoints = tmp_path / "worker-{index}"
+    _finish(_start_workers(tmp_path, die_at=5, checkpoints=checkpoints), timeout=240)
+    results = _finish(_start_workers(tmp_path, checkpoints=checkpoints), timeout=240)
+    for code, output in results:
+        assert code != 0
+        assert "CheckpointError: the workers would restore different checkpoints" in output, output[
+            -3000:
+        ]
+        assert "at updates [0, 4]" in output

@@ -3,6 +3,8 @@
 Usage: ``python worker_job.py INDEX PORT0,PORT1 OUT_DIR [DIE_AT_STEP]``. Trains the model of
 ``train_single`` under the strategy and saves weights, predictions and history to
 ``OUT_DIR/worker-INDEX.npz``; with ``DIE_AT_STEP`` the process exits (code 3) at that update.
+With ``TFLOOP_TEST_CHECKPOINTS`` set to a directory (``{index}`` in it is the worker's index), it
+checkpoints there every 2 updates and resumes from it.
 """
 
 from __future__ import annotations
@@ -22,12 +24,18 @@ def _data() -> tuple[np.ndarray, np.ndarray]:
     return make_data(SAMPLES)
 
 
-def _fit(strategy: Any, die_at: int = -1, epochs: int = EPOCHS) -> Any:
+def _fit(strategy: Any, die_at: int = -1, epochs: int = EPOCHS, checkpoints: str = "") -> Any:
     import tensorflow as tf
 
     import tfloop
 
     class Die(tfloop.Callback):
+        first_step = -1  # the update count fit started from (after a restore)
+
+        def on_fit_start(self, logs: Any = None) -> None:
+            assert self.trainer is not None
+            Die.first_step = int(self.trainer.optimizer.iterations.numpy())
+
         def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
             if 0 <= die_at <= logs["step"]:
                 os._exit(3)
@@ -46,9 +54,11 @@ def _fit(strategy: Any, die_at: int = -1, epochs: int = EPOCHS) -> Any:
         strategy=strategy,
         seed=0,
         callbacks=[Die()],
+        checkpoint=tfloop.Checkpointer(checkpoints, every_n_steps=2) if checkpoints else None,
     )
     x, y = _data()
     history = trainer.fit((x, y), epochs=epochs, batch_size=BATCH, verbose=0)
+    trainer.first_step = Die.first_step
     return trainer, history, x
 
 
@@ -76,13 +86,19 @@ def main() -> None:
         communication_options=tf.distribute.experimental.CommunicationOptions(timeout_seconds=60)
     )
     # A worker that dies makes the other one fail; give it many epochs to die in.
-    trainer, history, x = _fit(strategy, die_at, epochs=EPOCHS if die_at < 0 else 200)
+    trainer, history, x = _fit(
+        strategy,
+        die_at,
+        epochs=EPOCHS if die_at < 0 else 200,
+        checkpoints=os.environ.get("TFLOOP_TEST_CHECKPOINTS", "").format(index=index),
+    )
     predictions = trainer.predict(x)
     weights = {f"w{i}": np.array(w) for i, w in enumerate(trainer.model.get_weights())}
     np.savez(
         os.path.join(out, f"worker-{index}.npz"),
         predictions=predictions,
         history=json.dumps(history.history),
+        first_step=trainer.first_step,
         **weights,
     )
 

@@ -117,6 +117,12 @@ def is_multi_worker(strategy: tf.distribute.Strategy | None) -> bool:
     return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
 
 
+def gather_from_replicas(strategy: tf.distribute.Strategy, value: int) -> list[int]:
+    """``value`` as every replica of the cluster has it (a collective: all workers call it)."""
+    per_replica = strategy.run(lambda: tf.constant([value], tf.int64))
+    return [int(v) for v in strategy.gather(per_replica, axis=0).numpy()]
+
+
 def is_chief(strategy: tf.distribute.Strategy | None) -> bool:
     """Whether this process writes shared outputs (checkpoints, logs) for the cluster."""
     if not is_multi_worker(strategy):

@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from tfloop import _distribute
 from tfloop import data as data_lib
 from tfloop.callbacks import Callback, CallbackList
 from tfloop.checkpoint import _CORRUPT_ERRORS, Checkpointer
@@ -66,6 +67,7 @@ class FitLoop:
             checkpointer.check_writable()
             checkpointer.remove_temporary_files()
             candidates = self._readable(checkpointer)
+            self._check_workers_agree(candidates)
         # The stream to resume (or start) is made first and only once: the build below needs a
         # batch, and a dataset's shuffle order depends on how many iterators were made.
         if candidates:
@@ -88,6 +90,21 @@ class FitLoop:
             self._restore(checkpointer, candidates)
         self.step = int(self.trainer.optimizer.iterations.numpy())
         self.train = self.trainer._loop("train")
+
+    def _check_workers_agree(self, candidates: list[tuple[str, dict[str, Any]]]) -> None:
+        """Under ``MultiWorkerMirroredStrategy``: stops if the workers would restore different
+        checkpoints (restoring is itself a collective, so this is checked first)."""
+        strategy = self.trainer.strategy
+        if not _distribute.is_multi_worker(strategy):
+            return
+        step = int(candidates[0][1].get("step", -1)) if candidates else 0
+        steps = sorted(set(_distribute.gather_from_replicas(strategy, step)))
+        if len(steps) > 1:
+            raise CheckpointError(
+                f"the workers would restore different checkpoints (at updates {steps}). Give "
+                "every worker the same checkpoint directory, on storage all of them read: only "
+                "the chief writes there, and every worker restores from it."
+            )
 
     def _stream(self, epoch: int, start_step: int) -> data_lib.StepStream:
         return self.plan.source.stream(epoch, start_step)

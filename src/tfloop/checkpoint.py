@@ -65,6 +65,7 @@ from tensorflow.python.training.checkpoint_state_pb2 import CheckpointState
 from tensorflow.python.training.saving import saveable_object, saveable_object_util
 from tensorflow.python.util import object_identity
 
+from tfloop import _distribute
 from tfloop.errors import CheckpointError, ConfigError, _first_line
 
 if TYPE_CHECKING:
@@ -236,10 +237,24 @@ class Checkpointer:
         if trainer._accumulator is not None:
             self._checkpoint.accumulator = trainer._accumulator
         self._manager = tf.train.CheckpointManager(
-            self._checkpoint, str(self.directory), max_to_keep=self.max_to_keep
+            self._checkpoint, str(self._write_directory()), max_to_keep=self.max_to_keep
         )
         # Made now, not by the first save: a background write must not add to the object graph.
         _ = self._checkpoint.save_counter
+
+    def _write_directory(self) -> Path:
+        """Where this process writes its checkpoints.
+
+        Under ``MultiWorkerMirroredStrategy`` every worker takes part in a save (reading the
+        metrics' on-read variables is a collective), but only the chief's files are the
+        checkpoint: the other workers write theirs into a directory of their own, deleted
+        after each save, as TF prescribes. Every worker restores from ``directory``, so it
+        must be storage they all read (a shared file system or a bucket).
+        """
+        strategy = getattr(self._trainer, "strategy", None)
+        if _distribute.is_chief(strategy):
+            return self.directory
+        return self.directory / f".tfloop-{_distribute.task_id()}"
 
     # ---------------------------------------------------------------------------- restore
 
@@ -411,6 +426,9 @@ class Checkpointer:
             self._leftover.assign(leftover)
             self._metadata.assign(encoded)
             path = self._manager.save(checkpoint_number=step)
+            if self._manager.directory != str(self.directory):  # a worker's copy, not needed
+                shutil.rmtree(self._manager.directory, ignore_errors=True)
+                path = str(self.directory / os.path.basename(path))  # the chief's
         elif self.async_save:
             self._writing = self._writer = path
             self._writer_thread.submit(self._write, snapshot, step)
