@@ -1014,8 +1014,8 @@ def _eager_message(error: tf.errors.OpError) -> tf.errors.OpError:
     """``error`` of the compiled write, with the message the eager op would give.
 
     An op failing in a tf.function says "Graph execution error:" first, then where the op was
-    traced, then what went wrong ("...ckpt-6_temp/...; Not a directory"): the error a failed
-    write raises quotes its first line, so that line has to be the cause.
+    traced, then what went wrong ("...ckpt-6.data-00000-of-00001...; Is a directory"): the
+    error a failed write raises quotes its first line, so that line has to be the cause.
     """
     lines = error.message.splitlines()
     marker = next((i for i, line in enumerate(lines) if line.startswith("Detected at node")), -1)
