@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 HERE = Path(__file__).resolve().parent
 DOCS = HERE.parent / "docs"
 QUICK_SAMPLES = 2_048
+QUICK_WORKLOADS = ["mlp", "mlp-ds", "tfrecord", "text"]
+"""What ``--quick`` runs when no ``--workload`` is given: the default workload and the
+tf.data ones (whose input paths differ from mlp's)."""
 SEED = 0
 
 
@@ -36,9 +39,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--workload",
         nargs="+",
-        default=["mlp"],
         metavar="NAME",
-        help="mlp, mlp-accum, wide-mlp, cnn, linear, or all (default: mlp)",
+        help="mlp, mlp-accum, wide-mlp, cnn, linear, mlp-ds, tfrecord, text, or all "
+        f"(default: mlp; with --quick: {' '.join(QUICK_WORKLOADS)})",
     )
     parser.add_argument(
         "--reps", type=int, help="interleaved repetitions (default 5; 1 with --quick)"
@@ -70,6 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--child", metavar="CONTENDER", help=argparse.SUPPRESS)
     parser.add_argument("--child-config", default="{}", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.workload = args.workload or (QUICK_WORKLOADS if args.quick else ["mlp"])
     args.reps = args.reps or (1 if args.quick else 5)
     if args.samples is not None and args.samples < 1:
         parser.error(f"--samples must be a positive number of samples, got {args.samples}")
@@ -165,11 +169,13 @@ def run_child(args: argparse.Namespace) -> None:
 
 
 def _num_samples(args: argparse.Namespace, workload: Any) -> int:
-    """Samples per epoch: ``--quick``'s, ``--samples`` (whole batches), or the workload's."""
+    """Samples per epoch: ``--quick``'s, ``--samples`` (whole batches), or the workload's; plus
+    the workload's partial last batch, if it has one (``mlp-ds``)."""
     if args.quick:
-        return QUICK_SAMPLES
+        return QUICK_SAMPLES + int(workload.remainder)
     if args.samples:
-        return max(workload.batch_size, args.samples // workload.batch_size * workload.batch_size)
+        whole = max(workload.batch_size, args.samples // workload.batch_size * workload.batch_size)
+        return whole + int(workload.remainder)
     return int(workload.num_samples)
 
 
@@ -236,6 +242,11 @@ def run_and_report(
         "figures": [f.as_json() for f in figs],
         "rss": rss,
         "failures": run.failures,
+        "traces": run.traces,
+        "batch_shapes": [
+            {"shape": [list(leaf) for leaf in shape], "batches": count}
+            for shape, count in run.batch_shapes.items()
+        ],
     }
     return printed, docs, entry
 

@@ -14,6 +14,8 @@ moment it is released to its epoch-end callback: everything between two epoch en
 
 from __future__ import annotations
 
+import collections
+import functools
 import queue
 import threading
 import time
@@ -28,6 +30,10 @@ from workloads import PEAK, Workload
 
 Config = dict[str, Any]
 EpochFn = Callable[[], float | None]
+"""Trains one more epoch, returns its mean loss. It may have a ``traces()`` method: how many
+times its compiled function was traced so far (None when unknown); see ``traces_of``."""
+BatchShape = tuple[tuple[int, ...], ...]
+"""The shapes of one batch's tensors, flattened."""
 
 
 class FirstStepProbe:
@@ -63,22 +69,26 @@ class Setup:
     y: np.ndarray
     seed: int
     dataset: tf.data.Dataset = field(init=False)
-    """``from_tensor_slices((x, y)).batch(B).cache().prefetch(AUTOTUNE)``, shared."""
+    """The workload's pipeline, shared; by default
+    ``from_tensor_slices((x, y)).batch(B).cache().prefetch(AUTOTUNE)``."""
     probe: FirstStepProbe | None = None
     """Set only when measuring time to first step (it adds a batch hook to the Keras loops)."""
 
     def __post_init__(self) -> None:
-        self.dataset = (
-            tf.data.Dataset.from_tensor_slices((self.x, self.y))
-            .batch(self.workload.batch_size)
-            .cache()
-            .prefetch(tf.data.AUTOTUNE)
-        )
+        self.dataset = self.workload.pipeline(self.x, self.y, self.workload.batch_size)
 
     @property
     def num_batches(self) -> int:
-        """Batches (= steps) per epoch; the workloads use no partial batch."""
-        return len(self.x) // self.workload.batch_size
+        """Batches (= steps) per epoch: the pipeline's cardinality, or counted when unknown."""
+        cardinality = int(self.dataset.cardinality())
+        return cardinality if cardinality > 0 else sum(self.batch_shapes.values())
+
+    @functools.cached_property
+    def batch_shapes(self) -> collections.Counter[BatchShape]:
+        """How many batches of each shape one epoch of the pipeline has (one pass over it)."""
+        return collections.Counter(
+            tuple(tuple(t.shape) for t in tf.nest.flatten(batch)) for batch in self.dataset
+        )
 
 
 @dataclass(frozen=True)
@@ -115,6 +125,7 @@ class FitDriver:
         self._events: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._closing = False
+        self.traces: Callable[[], int | None] = lambda: None
 
     def __call__(self) -> float | None:
         if self._thread is None:
@@ -158,6 +169,18 @@ def close_epoch_fn(epoch: EpochFn) -> None:
     close = getattr(epoch, "close", None)
     if close is not None:
         close()
+
+
+def traces_of(epoch: EpochFn) -> int | None:
+    """How many times the contender's compiled train function was traced, if it says."""
+    traces = getattr(epoch, "traces", None)
+    return None if traces is None else traces()
+
+
+def _with_traces(epoch: EpochFn, function: Any) -> EpochFn:
+    """Give a hand loop's ``epoch`` a ``traces()`` method reading ``function``'s count."""
+    epoch.traces = function.experimental_get_tracing_count  # type: ignore[attr-defined]
+    return epoch
 
 
 # --- Keras model.fit -------------------------------------------------------------------------
@@ -300,15 +323,61 @@ def hand_loop_iter(setup: Setup, config: Config) -> EpochFn:
     return epoch
 
 
+def hand_loop_step(setup: Setup, config: Config) -> EpochFn:
+    """A Python loop over the pipeline calling one ``tf.function`` step per batch, no XLA.
+
+    The step's ``input_signature`` is the pipeline's element spec (unknown batch and sequence
+    length), so batches of every shape share one trace.
+    """
+    hand = HandTrainer(setup)
+    step = tf.function(hand.step, input_signature=list(setup.dataset.element_spec))
+
+    def epoch() -> float:
+        hand.reset_metrics()
+        for x, y in setup.dataset:
+            step(x, y)
+            hand.execution_done()
+        return hand.mean_loss()
+
+    return _with_traces(epoch, step)
+
+
+def _batch_shape_key(x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+    """An int64 key that differs between batches whose ``x`` shapes differ (dims < 2**16)."""
+    shape = tf.shape(x, out_type=tf.int64)
+    key = tf.constant(0, tf.int64)
+    for axis in range(x.shape.rank):
+        key = key * 65_536 + shape[axis]
+    return key
+
+
+def superbatches(setup: Setup, k: int) -> tf.data.Dataset:
+    """``pipeline.batch(K)``: K batches stacked into one ``[K, B, ...]`` element.
+
+    ``tf.data`` cannot stack batches of different shapes, so when the workload's batches have
+    several (a last, partial batch; buckets of sequence lengths), batches are first grouped by
+    shape with ``group_by_window`` and each group is stacked K at a time; a group's last
+    superbatch may be shorter. For the text workload this changes the order of the batches
+    (each shape's batches come together), not which batches an epoch trains on.
+    """
+    if not setup.workload.mixed_shapes:
+        return setup.dataset.batch(k).prefetch(tf.data.AUTOTUNE)
+    grouped = setup.dataset.group_by_window(
+        _batch_shape_key, lambda _, batches: batches.batch(k), window_size=k
+    )
+    return grouped.prefetch(tf.data.AUTOTUNE)
+
+
 def hand_loop(setup: Setup, config: Config) -> EpochFn:
     """Superbatches of K batches per iterator call; all K steps in one XLA ``tf.while_loop``.
 
     ``xs[i]`` has the static shape of one batch. (Slicing a flat superbatch of K·B rows with
     ``xs[i * B:(i + 1) * B]`` gives XLA a dynamic shape padded to the whole superbatch, and the
     loop runs about K times slower; ``tf.slice`` with a static size does not have that problem.)
+    One XLA compilation per distinct superbatch shape.
     """
     hand = HandTrainer(setup)
-    superbatches = setup.dataset.batch(config["K"]).prefetch(tf.data.AUTOTUNE)
+    stacked = superbatches(setup, config["K"])
 
     def superbatch_steps(xs: tf.Tensor, ys: tf.Tensor) -> None:
         for i in tf.range(tf.shape(xs)[0]):
@@ -318,12 +387,12 @@ def hand_loop(setup: Setup, config: Config) -> EpochFn:
 
     def epoch() -> float:
         hand.reset_metrics()
-        for xs, ys in superbatches:
+        for xs, ys in stacked:
             run_superbatch(xs, ys)
             hand.execution_done()
         return hand.mean_loss()
 
-    return epoch
+    return _with_traces(epoch, run_superbatch)
 
 
 # --- tfloop ----------------------------------------------------------------------------------
@@ -368,6 +437,19 @@ def _tfloop_trainer(setup: Setup, config: Config, accumulate_steps: int) -> Any:
     )
 
 
+def _tfloop_traces(trainer: Any) -> int | None:
+    """Traces of tfloop's compiled train loop so far (a public count if tfloop has one, else
+    ``trainer._loop("train").tracing_count``); None when neither exists."""
+    count = getattr(trainer, "tracing_count", None)
+    if count is None:
+        loop = getattr(trainer, "_loop", None)
+        try:
+            count = getattr(loop("train"), "tracing_count", None) if callable(loop) else None
+        except Exception:
+            return None
+    return count if isinstance(count, int) else None
+
+
 def _tfloop_driven(trainer: Any, data: Any, **fit_options: Any) -> EpochFn:
     """``trainer.fit(data, epochs=...)`` run by a ``FitDriver``."""
 
@@ -375,7 +457,9 @@ def _tfloop_driven(trainer: Any, data: Any, **fit_options: Any) -> EpochFn:
         trainer.callbacks.append(_tfloop_epoch_end_callback(epoch_end))
         trainer.fit(data, epochs=MANY_EPOCHS, verbose=0, **fit_options)
 
-    return FitDriver(start_fit)
+    driver = FitDriver(start_fit)
+    driver.traces = lambda: _tfloop_traces(trainer)
+    return driver
 
 
 def _tfloop_on_arrays(setup: Setup, config: Config, accumulate_steps: int) -> EpochFn:
@@ -384,7 +468,10 @@ def _tfloop_on_arrays(setup: Setup, config: Config, accumulate_steps: int) -> Ep
 
 
 def tfloop_default(setup: Setup, config: Config) -> EpochFn:
-    """``Trainer(...).fit((x, y), batch_size=B)`` on the NumPy arrays; ``config`` tunes it."""
+    """``Trainer(...).fit((x, y), batch_size=B)`` on the NumPy arrays, or ``fit(dataset)`` on
+    the workload's pipeline when it is defined by one; ``config`` tunes it."""
+    if setup.workload.tfloop_on_pipeline:
+        return tfloop_default_ds(setup, config)
     return _tfloop_on_arrays(setup, config, setup.workload.accumulate_steps)
 
 
@@ -408,7 +495,7 @@ def tfloop_noaccum(setup: Setup, config: Config) -> EpochFn:
 
 
 def tfloop_default_ds(setup: Setup, config: Config) -> EpochFn:
-    """``Trainer(...).fit(dataset)`` on the shared cached tf.data pipeline."""
+    """``Trainer(...).fit(dataset)`` on the workload's shared tf.data pipeline."""
     trainer = _tfloop_trainer(setup, config, setup.workload.accumulate_steps)
     return _tfloop_driven(trainer, setup.dataset)
 
@@ -480,6 +567,7 @@ CONTENDERS: dict[str, Contender] = {
         Contender("keras-tuned", keras_on_dataset, KERAS_SEARCH),
         Contender("keras-accum", keras_on_dataset, KERAS_SEARCH),
         Contender("hand-loop-iter", hand_loop_iter),
+        Contender("hand-loop-step", hand_loop_step),
         Contender("hand-loop-K64", hand_loop, ({"K": 64},)),
         Contender("hand-loop-K256", hand_loop, ({"K": 256},)),
         Contender("tfloop-default", tfloop_default),

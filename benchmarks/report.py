@@ -13,7 +13,7 @@ from typing import Any
 
 from contenders import ALIASES
 from suite import WorkloadRun, format_config
-from workloads import PEAK, Ratio
+from workloads import PEAK, SHAPES, Ratio
 
 RssResults = dict[str, dict[str, Any]]
 """Per contender: the JSON measurement of its ``--rss`` child process (or an "error")."""
@@ -139,6 +139,8 @@ def figure(
     """Measure ``ratio`` in this run (value None, with a note, when it cannot be)."""
     if ratio.kind == "rss" and not rss:
         return Figure(ratio, None, "not measured (run with --rss)")
+    if ratio.kind == "traces":
+        return _traces_figure(ratio, run, rows)
     resolved = [(name, resolve(name, rows)) for name in (ratio.numerator, ratio.denominator)]
     missing = [name for name, found in resolved if found is None]
     numerator, denominator = (found for _, found in resolved)
@@ -149,6 +151,20 @@ def figure(
         notes.append("cold, separate processes" if rss else "in-process (cold with --rss)")
     note = "; ".join(notes)
     return Figure(ratio, _value(ratio, numerator, denominator, run, rows, rss), note)
+
+
+def _traces_figure(ratio: Ratio, run: WorkloadRun, rows: dict[str, ContenderRow]) -> Figure:
+    """Traces of the numerator's compiled function / distinct batch shapes of an epoch."""
+    assert ratio.denominator == SHAPES
+    name = resolve(ratio.numerator, rows)
+    count = None if name is None else run.traces.get(name)
+    shapes = len(run.batch_shapes)
+    if count is None:
+        return Figure(ratio, None, f"no trace count for {ratio.numerator}")
+    note = f"{count} traces, {shapes} shapes"
+    if name != ratio.numerator:
+        note = f"{ratio.numerator} = {name}; {note}"
+    return Figure(ratio, _single(float(count), float(shapes)), note)
 
 
 def figures(run: WorkloadRun, rss: RssResults) -> list[Figure]:
@@ -249,6 +265,24 @@ def _rss_table(rss: RssResults) -> str:
     return _table(header, body)
 
 
+def _shape_text(shape: tuple[tuple[int, ...], ...]) -> str:
+    """``((32, 16), (32, 10))`` -> ``32x16, 32x10``."""
+    return ", ".join("x".join(str(d) for d in leaf) for leaf in shape)
+
+
+def _traces_text(run: WorkloadRun) -> str:
+    """The pipeline's batch shapes and how often each contender's function was traced."""
+    shapes = sorted(run.batch_shapes.items(), key=lambda item: item[0][0][::-1])
+    listed = "; ".join(f"{_shape_text(shape)} ({count:,})" for shape, count in shapes)
+    traces = ", ".join(f"{name} {count}" for name, count in run.traces.items()) or "none read"
+    return (
+        f"Batch shapes in one epoch, counted from the pipeline: {len(shapes)} distinct in "
+        f"{sum(run.batch_shapes.values()):,} batches ({listed}). Traces of each contender's "
+        f"compiled function after the last repetition: {traces} (the superbatch hand loop "
+        "compiles once per superbatch shape; Keras does not say)."
+    )
+
+
 def markdown(
     run: WorkloadRun, figs: list[Figure], rss: RssResults, reps: int, chart: str | None
 ) -> str:
@@ -269,6 +303,8 @@ def markdown(
             f"{peak[0]} GFLOP/s (min {peak[1]}, max {peak[2]})."
         )
     parts.append(_figures_table(figs))
+    if run.batch_shapes:
+        parts.append(_traces_text(run))
     if chart:
         parts.append(f"![{workload.name} ratios]({chart})")
     search = _search_table(run)

@@ -15,12 +15,14 @@ from typing import Any
 
 from contenders import (
     CONTENDERS,
+    BatchShape,
     Config,
     Contender,
     EpochFn,
     FirstStepProbe,
     Setup,
     close_epoch_fn,
+    traces_of,
 )
 from workloads import PEAK, Workload
 
@@ -64,6 +66,12 @@ class WorkloadRun:
     records: list[Record] = field(default_factory=list)
     prepared: dict[str, Prepared] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
+    traces: dict[str, int] = field(default_factory=dict)
+    """Per contender that can tell: how often its compiled train function was traced, read
+    after the last repetition (tfloop: its compiled loop; hand loops: their tf.function)."""
+    batch_shapes: dict[BatchShape, int] = field(default_factory=dict)
+    """Batches per shape in one epoch of the pipeline, counted (workloads with a traces
+    figure only)."""
 
 
 def format_config(config: Config) -> str:
@@ -195,6 +203,12 @@ def run_workload(
     timer = _Timer(run, log)
     x, y = workload.make_data(num_samples, seed)
     setup = Setup(workload, x, y, seed)
+    if any(ratio.kind == "traces" for ratio in workload.ratios):
+        run.batch_shapes = dict(setup.batch_shapes)
+        log(
+            f"[{workload.name}] {len(run.batch_shapes)} distinct batch shapes in an epoch of "
+            f"{sum(run.batch_shapes.values()):,} batches"
+        )
     names = (*workload.contenders, PEAK) if workload.peak_matmul else workload.contenders
     for name in names:
         prepared = _prepare(CONTENDERS[name], setup, timer, search_epochs)
@@ -210,7 +224,10 @@ def run_workload(
         for prepared in order[shift:] + order[:shift]:
             if prepared.contender.name in run.prepared:
                 _time_rep(run, timer, prepared, rep)
-    for prepared in run.prepared.values():
+    for name, prepared in run.prepared.items():
+        count = traces_of(prepared.epoch)
+        if count is not None:
+            run.traces[name] = count
         close_epoch_fn(prepared.epoch)
     return run
 
