@@ -1,4 +1,4 @@
-"""Turns the Trainer's constructor and ``fit`` arguments into validated components.
+"""Turns the Trainer's constructor arguments into validated components.
 
 Every check here runs on the host before anything is traced, and every error names the
 argument and the fix (see docs/errors.md).
@@ -13,20 +13,31 @@ from collections.abc import Iterable
 from typing import Any, Literal
 
 import keras
-import numpy as np
 import tensorflow as tf
 
-from tfloop._autograph import user_code
-from tfloop.callbacks import Callback
+from tfloop import _distribute
+from tfloop._update import NonFinitePolicy, validate_non_finite
+from tfloop.callbacks import Callback, NonFiniteGuard
 from tfloop.checkpoint import Checkpointer
 from tfloop.errors import ConfigError
 
 Nested = Any
 
+__all__ = [
+    "auto_jit_compile",
+    "jit_choice",
+    "resolve_checkpoint",
+    "resolve_non_finite",
+    "resolve_optimizer",
+    "validate_callbacks",
+    "validate_jit_compile",
+    "validate_steps_per_execution",
+]
+
 logger = logging.getLogger("tfloop")
 
 
-def _resolve_checkpoint(checkpoint: Any) -> Checkpointer | None:
+def resolve_checkpoint(checkpoint: Any) -> Checkpointer | None:
     if checkpoint is None or isinstance(checkpoint, Checkpointer):
         return checkpoint
     if isinstance(checkpoint, (str, os.PathLike)):
@@ -36,7 +47,7 @@ def _resolve_checkpoint(checkpoint: Any) -> Checkpointer | None:
     )
 
 
-def _resolve_optimizer(optimizer: Any) -> keras.optimizers.Optimizer:
+def resolve_optimizer(optimizer: Any) -> keras.optimizers.Optimizer:
     if isinstance(optimizer, keras.optimizers.Optimizer):
         return optimizer
     if isinstance(optimizer, str):
@@ -52,89 +63,7 @@ def _resolve_optimizer(optimizer: Any) -> keras.optimizers.Optimizer:
     )
 
 
-def _resolve_loss(loss: Any) -> Any:
-    if loss is None or isinstance(loss, keras.losses.Loss):
-        return loss
-    if isinstance(loss, str):
-        try:
-            loss = keras.losses.get(loss)
-        except ValueError as error:
-            raise ConfigError(
-                f"loss={loss!r} is not a Keras loss name; use e.g. 'mse', "
-                "'categorical_crossentropy', 'sparse_categorical_crossentropy', or a callable."
-            ) from error
-        if isinstance(loss, keras.losses.Loss):
-            return loss
-    if callable(loss):
-        # The wrapper reduces per-example values to the mean over the batch (sample weights
-        # included), as Keras's own losses do.
-        return _LossFunction(loss)
-    raise ConfigError(f"loss must be a name, a keras Loss or a callable, got {loss!r}.")
-
-
-class _LossFunction(keras.losses.Loss):  # type: ignore[misc]
-    """Wraps ``fn(y_true, y_pred)``; Keras's ``Loss.__call__`` applies sample weights and the
-    mean over the batch, so per-example and already-reduced functions both work."""
-
-    def __init__(self, fn: Any) -> None:
-        super().__init__(name=getattr(fn, "__name__", "loss"))
-        self.fn = fn
-
-    def call(self, y_true: Any, y_pred: Any) -> Any:
-        return user_code(self.fn)(y_true, y_pred)
-
-
-def _validate_metric_specs(metrics: Any) -> list[Any]:
-    if isinstance(metrics, (str, keras.metrics.Metric)) or callable(metrics):
-        metrics = [metrics]
-    specs = list(metrics)
-    for spec in specs:
-        if isinstance(spec, str):
-            if spec in ("accuracy", "acc"):
-                continue
-            try:
-                keras.metrics.get(spec)
-            except ValueError as error:
-                raise ConfigError(
-                    f"metrics: {spec!r} is not a Keras metric name; use e.g. 'accuracy', "
-                    "'mae', 'mse', or pass a keras.metrics.Metric."
-                ) from error
-        elif not (isinstance(spec, keras.metrics.Metric) or callable(spec)):
-            raise ConfigError(
-                f"metrics: {spec!r} is neither a metric name, a keras.metrics.Metric nor a "
-                "callable(y_true, y_pred)."
-            )
-    return specs
-
-
-def _resolve_metric(spec: Any, loss: Any, y: Nested, y_pred: Nested) -> keras.metrics.Metric:
-    if isinstance(spec, keras.metrics.Metric):
-        return spec
-    if isinstance(spec, str) and spec in ("accuracy", "acc"):
-        return _accuracy(spec, y, y_pred)
-    if isinstance(spec, str):
-        metric = keras.metrics.get(spec)
-        if isinstance(metric, keras.metrics.Metric):
-            metric.name = spec
-            return metric
-        spec = metric
-    return keras.metrics.MeanMetricWrapper(spec, name=getattr(spec, "__name__", "metric"))
-
-
-def _accuracy(name: str, y: Nested, y_pred: Nested) -> keras.metrics.Metric:
-    """Picks binary, sparse or categorical accuracy from the shapes, as Keras does."""
-    y_true_shape = tuple(tf.nest.flatten(y)[0].shape) if y is not None else ()
-    y_pred_shape = tuple(tf.nest.flatten(y_pred)[0].shape)
-    if y_pred_shape[-1:] == (1,) or len(y_pred_shape) == 1:
-        return keras.metrics.BinaryAccuracy(name=name)
-    if len(y_true_shape) < len(y_pred_shape) or (
-        y_true_shape[-1:] == (1,) and y_pred_shape[-1] != 1
-    ):
-        return keras.metrics.SparseCategoricalAccuracy(name=name)
-    return keras.metrics.CategoricalAccuracy(name=name)
-
-
-def _validate_steps_per_execution(value: Any) -> int | Literal["auto"]:
+def validate_steps_per_execution(value: Any) -> int | Literal["auto"]:
     if value == "auto":
         return "auto"
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -142,7 +71,7 @@ def _validate_steps_per_execution(value: Any) -> int | Literal["auto"]:
     return value
 
 
-def _validate_jit_compile(value: Any) -> bool | Literal["auto"]:
+def validate_jit_compile(value: Any) -> bool | Literal["auto"]:
     if value == "auto" or isinstance(value, bool):
         return value  # type: ignore[no-any-return]
     raise ConfigError(f"jit_compile must be True, False or 'auto', got {value!r}.")
@@ -170,7 +99,7 @@ _CONVOLUTIONS = tuple(
 _JIT_CHOICE_LOGGED: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
-def _auto_jit_compile(model: Any) -> bool:
+def auto_jit_compile(model: Any) -> bool:
     """What ``jit_compile="auto"`` starts with: XLA, except for convolutions on a CPU.
 
     XLA's CPU convolutions are far slower than TensorFlow's own (oneDNN) kernels: a small
@@ -205,15 +134,25 @@ def _auto_jit_compile(model: Any) -> bool:
     return False
 
 
-def _validate_clip(value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ConfigError(f"clip_global_norm must be a positive number or None, got {value!r}.")
-    return float(value)
+def jit_choice(
+    jit_compile: bool | Literal["auto"], model: Any, strategy: tf.distribute.Strategy | None
+) -> tuple[bool, bool]:
+    """XLA on or off, and whether a failure to compile falls back without it."""
+    if strategy is not None:
+        # Under a strategy XLA compiles each replica's step (the loop itself holds the
+        # cross-replica calls). "auto" turns it on for GPUs and TPUs only: XLA on CPU cannot
+        # reach the variables of a second (logical) CPU device.
+        if jit_compile == "auto":
+            return _distribute.uses_accelerators(strategy), False
+        return bool(jit_compile), False
+    if jit_compile == "auto":
+        return auto_jit_compile(model), True
+    return bool(jit_compile), False
 
 
-def _validate_callbacks(callbacks: Iterable[Any]) -> list[Callback]:
+def validate_callbacks(callbacks: Iterable[Any] | Callback | None) -> list[Callback]:
+    if callbacks is None:
+        return []
     if isinstance(callbacks, Callback):
         callbacks = [callbacks]
     result = list(callbacks)
@@ -230,7 +169,25 @@ def _validate_callbacks(callbacks: Iterable[Any]) -> list[Callback]:
     return result
 
 
-def _validate_count(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ConfigError(f"{name} must be an int >= {minimum}, got {value!r}.")
-    return int(value)
+def resolve_non_finite(policy: Any, callbacks: list[Callback]) -> NonFinitePolicy:
+    """The non-finite policy: ``non_finite=``, or the one a ``NonFiniteGuard`` asks for.
+
+    Decided once, at construction: the policy is part of what the train step traces.
+    """
+    chosen = validate_non_finite(policy)
+    guards = [callback for callback in callbacks if isinstance(callback, NonFiniteGuard)]
+    for guard in guards:
+        if guard.graph_policy != guards[0].graph_policy:
+            raise ConfigError(
+                f"callbacks: {type(guards[0]).__name__} and {type(guard).__name__} ask for "
+                "different non-finite policies; keep one of them."
+            )
+    if not guards:
+        return chosen
+    wanted = guards[0].graph_policy
+    if chosen != "ignore" and chosen != wanted:
+        raise ConfigError(
+            f"non_finite={chosen!r} disagrees with the {type(guards[0]).__name__} in callbacks, "
+            f"which asks for {wanted!r}; keep one of them."
+        )
+    return wanted

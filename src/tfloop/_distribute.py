@@ -19,10 +19,12 @@ The layout, and why:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any
 
+import numpy as np
 import tensorflow as tf
 
 from tfloop.errors import ConfigError
@@ -32,6 +34,16 @@ Nested = Any
 # The on-read synchronization of accumulator state: each replica updates its own copy, a read
 # in cross-replica context returns the aggregate.
 ON_READ = tf.VariableSynchronization.ON_READ
+
+
+def scope(strategy: tf.distribute.Strategy | None) -> Any:
+    """The strategy's scope (variables created in it are distributed), or a no-op."""
+    return strategy.scope() if strategy is not None else contextlib.nullcontext()
+
+
+def read_int(variable: Any) -> int:
+    """An integer variable's value (a distributed one reads as its aggregate)."""
+    return int(np.asarray(tf.identity(variable)))
 
 
 def replicas(strategy: tf.distribute.Strategy | None) -> int:

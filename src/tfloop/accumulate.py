@@ -13,35 +13,43 @@ have the same size, and is wrong for the last, partial window of an epoch.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import keras
 import tensorflow as tf
 
+from tfloop import _validate
 from tfloop._distribute import ON_READ, reset_on_read
 from tfloop.errors import ConfigError
 
-__all__ = ["GradientAccumulator"]
+__all__ = ["AccumulatorState", "GradientAccumulator", "clip_gradients", "validate_steps"]
 
 _ONLY_FIRST = tf.VariableAggregation.ONLY_FIRST_REPLICA
 
-_State = tuple[list[Any], Any, Any]
-"""An accumulator's state as tensors: the weighted sums, the total weight, the count."""
+
+class AccumulatorState(NamedTuple):
+    """An accumulator's state as tensors: a loop carries it instead of writing the variables.
+
+    ``sums`` holds ``sum(w_i * g_i)`` per variable, ``total_weight`` ``sum(w_i)`` (float64) and
+    ``count`` the micro-batches in the window (int64).
+    """
+
+    sums: list[Any]
+    total_weight: Any
+    count: Any
 
 
 class _Registers:
-    """Holds the staged state while a compiled loop is traced (see ``GradientAccumulator._stage``)."""
+    """Holds the staged state while a compiled loop is traced (see ``GradientAccumulator.stage``)."""
 
-    state: _State | None = None
+    state: AccumulatorState | None = None
 
 
-def _validate_steps(steps: object, name: str = "steps") -> int:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ConfigError(
-            f"{name} must be an int >= 1 (micro-batches per optimizer update), got {steps!r}. "
-            f"Use {name}=1 to update after every batch."
-        )
-    return steps
+def validate_steps(steps: object, name: str = "steps") -> int:
+    """``steps`` as an int >= 1 (micro-batches per update), or a ConfigError naming ``name``."""
+    return _validate.count(
+        steps, name, minimum=1, hint=f" Use {name}=1 to update after every batch."
+    )
 
 
 def clip_gradients(gradients: list[Any], clip_global_norm: float | None, optimizer: Any) -> Any:
@@ -90,7 +98,7 @@ class GradientAccumulator(tf.Module):  # type: ignore[misc]
 
     def __init__(self, variables: Sequence[Any], steps: int = 1, name: str | None = None) -> None:
         super().__init__(name=name or "gradient_accumulator")
-        self.steps = _validate_steps(steps)
+        self.steps = validate_steps(steps)
         self._variables = list(variables)
         if not self._variables:
             raise ConfigError(
@@ -124,33 +132,37 @@ class GradientAccumulator(tf.Module):  # type: ignore[misc]
         # Not a tuple attribute: tf.Module would wrap it for checkpoint tracking.
         self._registers = _Registers()
 
-    # ---------------------------------------------------------------- state in loop registers
+    # --------------------------------------------------------------------- staging protocol
     # Writing the sum variables every micro-batch costs more than the micro-batch itself on a
     # small model (each write is a full read-modify-write of the buffers, and XLA cannot fuse
-    # across it). tfloop's compiled loop therefore reads the variables once per execution,
-    # carries the state as while-loop variables ("staged"), and writes it back once at the end:
-    # checkpoints, taken between executions, still see the exact mid-window state.
+    # across it). A compiled loop therefore reads the state once per execution
+    # (``read_state``), carries it as while-loop variables, and writes it back once at the end
+    # (``write_state``): checkpoints, taken between executions, still see the exact mid-window
+    # state. Between ``stage(state)`` and ``unstage()`` (at trace time) ``accumulate``,
+    # ``apply``, ``apply_where``, ``reset`` and ``reset_where`` act on the carried state
+    # instead of the variables; ``unstage`` returns the state after those calls.
 
-    def _load(self) -> _State:
+    def read_state(self) -> AccumulatorState:
         """The state as tensors, read from the variables (at the start of an execution)."""
-        return (
+        return AccumulatorState(
             [total.read_value() for total in self._sums],
             self.total_weight.read_value(),
             self.count.read_value(),
         )
 
-    def _stage(self, state: _State) -> None:
-        """From now on (at trace time) ``accumulate``/``apply``/``reset`` act on ``state``."""
-        self._registers.state = state
+    def stage(self, state: AccumulatorState) -> None:
+        """From now on (at trace time) the accumulator's operations act on ``state``."""
+        self._registers.state = AccumulatorState(*state)
 
-    def _unstage(self) -> _State:
-        """The staged state after the calls since ``_stage``; the variables are used again."""
+    def unstage(self) -> AccumulatorState:
+        """The staged state after the calls since :meth:`stage`; the variables are used again."""
         state = self._registers.state
-        assert state is not None, "_unstage without _stage"
+        if state is None:
+            raise RuntimeError("GradientAccumulator.unstage() called without stage().")
         self._registers.state = None
         return state
 
-    def _store(self, state: _State) -> None:
+    def write_state(self, state: AccumulatorState) -> None:
         """Writes ``state`` back to the variables (at the end of an execution)."""
         sums, total_weight, count = state
         for variable, value in zip(self._sums, sums, strict=True):
@@ -158,10 +170,10 @@ class GradientAccumulator(tf.Module):  # type: ignore[misc]
         self.total_weight.assign(total_weight)
         self.count.assign(count)
 
-    def _state(self) -> _State:
+    def _state(self) -> AccumulatorState:
         if self._registers.state is not None:
             return self._registers.state
-        return list(self._sums), self.total_weight, self.count
+        return AccumulatorState(list(self._sums), self.total_weight, self.count)
 
     # ----------------------------------------------------------------------------------- API
 
@@ -200,7 +212,7 @@ class GradientAccumulator(tf.Module):  # type: ignore[misc]
             additions.append(added)
         if self._registers.state is not None:
             sums, total_weight, count = self._registers.state
-            self._registers.state = (
+            self._registers.state = AccumulatorState(
                 [s if a is None else s + a for s, a in zip(sums, additions, strict=True)],
                 total_weight + tf.cast(weight, tf.float64),
                 count + added_count,
@@ -224,9 +236,9 @@ class GradientAccumulator(tf.Module):  # type: ignore[misc]
         never the micro-batch gradients. A window whose total weight is zero (only empty
         micro-batches) is a documented no-op: no update, ``optimizer.iterations`` unchanged.
         """
-        self._apply_where(None, optimizer, clip_global_norm)
+        self.apply_where(None, optimizer, clip_global_norm)
 
-    def _apply_where(self, pred: Any, optimizer: Any, clip_global_norm: float | None) -> None:
+    def apply_where(self, pred: Any, optimizer: Any, clip_global_norm: float | None = None) -> None:
         """``apply`` if the bool tensor ``pred`` is true (always if ``None``), one ``tf.cond``."""
 
         def update() -> tf.Tensor:
@@ -238,18 +250,22 @@ class GradientAccumulator(tf.Module):  # type: ignore[misc]
         if pred is not None:
             take = tf.logical_and(pred, take)
         tf.cond(take, update, lambda: tf.constant(False))
-        self._reset_where(pred)
+        self.reset_where(pred)
 
     def reset(self) -> None:
         """Empties the window (every replica's share of it, under a strategy)."""
-        self._reset_where(None)
+        self.reset_where(None)
 
-    def _reset_where(self, pred: Any) -> None:
+    def reset_where(self, pred: Any) -> None:
         """``reset`` if the bool tensor ``pred`` is true (always if ``None``)."""
         if self._registers.state is not None:
-            self._registers.state = tf.nest.map_structure(
-                lambda t: tf.zeros_like(t) if pred is None else tf.where(pred, tf.zeros_like(t), t),
-                self._registers.state,
+            self._registers.state = AccumulatorState(
+                *tf.nest.map_structure(
+                    lambda t: (
+                        tf.zeros_like(t) if pred is None else tf.where(pred, tf.zeros_like(t), t)
+                    ),
+                    tuple(self._registers.state),
+                )
             )
             return
 

@@ -51,12 +51,6 @@ class WorkerError(TfloopError):
     """
 
 
-def _first_line(error: BaseException, limit: int = 300) -> str:
-    """The first line of an error's message (its type name if it has none), for messages."""
-    text = str(error).strip()
-    return text.splitlines()[0][:limit] if text else type(error).__name__
-
-
 class NonFiniteError(TfloopError, FloatingPointError):
     """Training produced a NaN or Inf loss or gradient (raised by ``NonFiniteGuard("raise")``).
 

@@ -1,61 +1,40 @@
 """The Trainer: ``fit`` / ``evaluate`` / ``predict`` and the step methods a subclass overrides.
 
 Read top to bottom, this is the story of a step: ``train_step`` records ``compute_loss`` on a
-tape and hands the gradients to ``apply_gradients``, which applies them at once or accumulates
-them for ``accumulate_steps`` micro-batches. ``fit`` validates everything on the host first, then
-feeds the compiled loop (``_loops.py``) superbatches of ``steps_per_execution`` batches
-(``data.py``), so one Python call and one iterator call run many steps.
+tape and hands the gradients to ``apply_gradients``, whose :class:`~tfloop._update.UpdateRule`
+applies them at once or accumulates them for ``accumulate_steps`` micro-batches. ``fit``
+validates everything on the host first, then hands the controller (``_controller.py``) the
+compiled loop (``_loops.py``) and the superbatches of ``steps_per_execution`` batches
+(``data``), so one Python call and one iterator call run many steps.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
+import dataclasses
 import os
 import random
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 import keras
-import numpy as np
 import tensorflow as tf
 
-from tfloop import _distribute
+from tfloop import _checks, _config, _distribute, _seeds, _validate
 from tfloop import data as data_lib
 from tfloop._autograph import user_code
-from tfloop._config import (
-    _resolve_checkpoint,
-    _resolve_loss,
-    _resolve_metric,
-    _resolve_optimizer,
-    _validate_callbacks,
-    _validate_clip,
-    _validate_count,
-    _validate_jit_compile,
-    _validate_metric_specs,
-    _validate_steps_per_execution,
-)
-from tfloop._fit_loop import FitLoop, FitPlan
-from tfloop._loops import CompiledLoop
-from tfloop.accumulate import GradientAccumulator, _validate_steps, clip_gradients
-from tfloop.callbacks import Callback, CallbackList, History, ProgressBar
-from tfloop.errors import ConfigError, DataError, _first_line
+from tfloop._compile import LossAndMetrics
+from tfloop._controller import Controller, FitHooks, run_evaluation
+from tfloop._export import export_model
+from tfloop._fit_args import plan_fit
+from tfloop._loops import CompiledLoop, LoopSpec
+from tfloop._update import NonFinitePolicy, UpdateRule
+from tfloop.accumulate import validate_steps
+from tfloop.callbacks import Callback, CallbackList, History, ProgressBar, RunInfo
+from tfloop.errors import ConfigError
 
 __all__ = ["Trainer"]
 
-logger = logging.getLogger("tfloop")
-
 Nested = Any
-# Superbatches are kept under this size; with the default batch of 32 MNIST-sized examples the
-# cap allows far more than the chosen number of steps, so it only binds for large inputs.
-SUPERBATCH_MEMORY_CAP = 64 * 2**20
-AUTO_STEPS_PER_EXECUTION = 64
-# Small batches make steps so cheap that the host's ~0.5 ms per execution counts: "auto" doubles
-# K from 64 up to AUTO_STEPS_MAX while the superbatch stays under SMALL_SUPERBATCH. The linear
-# workload (batch 4) ran ~11x faster at 1024 than at 64, the mlp (batch 32 x 784) 5% faster at
-# 128; a larger superbatch costs memory (and cache) for little more.
-SMALL_SUPERBATCH = 16 * 2**20
-AUTO_STEPS_MAX = 1024
 
 
 class Trainer:
@@ -79,6 +58,10 @@ class Trainer:
         jit_compile: XLA on (``True``), off (``False``), or ``"auto"``: on, falling back to the
             plain graph with a logged reason if XLA cannot compile the step.
         clip_global_norm: clip the (accumulated) gradient to this global norm before applying.
+        non_finite: what an update with a NaN or Inf loss or gradient does: ``"ignore"``
+            (applied as it is, the fastest), ``"skip"`` (dropped in-graph and counted in
+            ``non_finite_steps``) or ``"raise"`` (dropped, and ``fit`` raises). A
+            ``NonFiniteGuard`` in ``callbacks`` sets it and adds its messages.
         callbacks: ``tfloop.Callback`` s.
         checkpoint: a directory (checkpoints every epoch, resume from the latest) or a
             ``tfloop.Checkpointer``; ``None`` saves nothing.
@@ -112,7 +95,8 @@ class Trainer:
         steps_per_execution: int | Literal["auto"] = "auto",
         jit_compile: bool | Literal["auto"] = "auto",
         clip_global_norm: float | None = None,
-        callbacks: Iterable[Callback] = (),
+        non_finite: NonFinitePolicy = "ignore",
+        callbacks: Iterable[Callback] | Callback | None = (),
         checkpoint: Any = None,
         strategy: tf.distribute.Strategy | None = None,
         seed: int | None = None,
@@ -125,63 +109,48 @@ class Trainer:
         self.strategy = _distribute.validate(strategy)
         self.model = model
         with self._scope():
-            self.optimizer = _resolve_optimizer(optimizer)
+            self.optimizer = _config.resolve_optimizer(optimizer)
         if self.strategy is not None:
             _distribute.check_created_in_scope(self.strategy, model, self.optimizer)
-        self.loss = _resolve_loss(loss)
-        self._metric_specs = _validate_metric_specs(metrics)
-        self.accumulate_steps = _validate_steps(accumulate_steps, "accumulate_steps")
-        if not isinstance(drop_remainder, bool):
-            raise ConfigError(f"drop_remainder must be True or False, got {drop_remainder!r}.")
-        self.drop_remainder = drop_remainder
-        self.steps_per_execution = _validate_steps_per_execution(steps_per_execution)
-        self.jit_compile = _validate_jit_compile(jit_compile)
-        self.clip_global_norm = _validate_clip(clip_global_norm)
-        self.callbacks = _validate_callbacks(callbacks)
-        self.checkpoint = _resolve_checkpoint(checkpoint)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ConfigError(f"seed must be an int or None, got {seed!r}.")
+        self.accumulate_steps = validate_steps(accumulate_steps, "accumulate_steps")
+        self.drop_remainder = _validate.boolean(drop_remainder, "drop_remainder")
+        self.steps_per_execution = _config.validate_steps_per_execution(steps_per_execution)
+        self.jit_compile = _config.validate_jit_compile(jit_compile)
+        self.clip_global_norm = _validate.optional_number(clip_global_norm, "clip_global_norm")
+        self.callbacks = _config.validate_callbacks(callbacks)
+        self.checkpoint = _config.resolve_checkpoint(checkpoint)
+        if seed is not None:
+            seed = _validate.count(seed, "seed")
         self.seed = seed
         self._data_seed = seed if seed is not None else random.SystemRandom().randrange(2**31)
+        self._update = UpdateRule(
+            self.optimizer,
+            accumulate_steps=self.accumulate_steps,
+            clip_global_norm=self.clip_global_norm,
+            non_finite=_config.resolve_non_finite(non_finite, self.callbacks),
+            drop_remainder=self.drop_remainder,
+            strategy=self.strategy,
+        )
 
         self.stop_training = False
         self.preempted = False  # set by fit when a preemption signal made it save and return
+        self.stop_reason: str | None = None  # why the last fit returned
+        self.run_info = RunInfo()
         with self._scope():
-            self.loss_tracker = keras.metrics.Mean(name="loss")
-            self.compiled_metrics: list[keras.metrics.Metric] = []
-            self._accumulator: GradientAccumulator | None = None
-            # What to do with NaN/Inf gradients: "ignore" (apply them), "skip" or "raise" (drop
-            # the update in-graph; NonFiniteGuard raises on the host). Read when tracing.
-            self.non_finite: Literal["ignore", "skip", "raise"] = "ignore"
-            self._non_finite_steps = tf.Variable(
-                tf.constant(0, tf.int64), trainable=False, name="non_finite_steps"
-            )
-            self._first_non_finite_step = tf.Variable(
-                tf.constant(-1, tf.int64), trainable=False, name="first_non_finite_step"
-            )
-            # What was non-finite at that step: 0 = the loss, i >= 1 = the gradient of
-            # trainable_variables[i - 1] (-1: none yet). NonFiniteGuard names it in its error.
-            self._first_non_finite_tensor = tf.Variable(
-                tf.constant(-1, tf.int64), trainable=False, name="first_non_finite_tensor"
-            )
-        # Under a strategy: whether the micro-batch just accumulated was kept, and which of
-        # its tensors were non-finite (set while tracing the replica step).
-        self._step_kept: tf.Tensor | None = None
-        self._step_bad: tf.Tensor | None = None
+            self._compiled = LossAndMetrics(loss, metrics)
         self._loops: dict[str, CompiledLoop] = {}
-        # Input signatures already checked against the model and loss by _build's dry run.
-        self._validated_inputs: set[Any] = set()
-        self._built_metrics = False
+        self._dry_run = _checks.DryRun(
+            model,
+            self._compiled,
+            self.predict_step,
+            self.compute_loss,
+            self._reset_metrics,
+            self.seed,
+        )
         self._built_training = False
-        self._in_fit = False
-        self._epochs: int | None = None
-        self._steps_per_epoch: int | None = None
-        self._validation_freq: int | None = None  # None: this fit has no validation_data
-        self._current_epoch = 0
 
     def _scope(self) -> Any:
-        """The strategy's scope (variables created in it are distributed), or a no-op."""
-        return self.strategy.scope() if self.strategy is not None else contextlib.nullcontext()
+        return _distribute.scope(self.strategy)
 
     # ------------------------------------------------------------------ the step, top to bottom
 
@@ -191,9 +160,29 @@ class Trainer:
         return list(self.model.trainable_variables)
 
     @property
+    def loss(self) -> Any:
+        """The loss function (a ``keras.losses.Loss``), or None."""
+        return self._compiled.loss
+
+    @property
+    def loss_tracker(self) -> keras.metrics.Metric:
+        """The running mean of the loss, weighted by examples: ``logs["loss"]``."""
+        return self._compiled.loss_tracker
+
+    @property
+    def compiled_metrics(self) -> list[keras.metrics.Metric]:
+        """The metrics given to the Trainer, resolved at the first batch."""
+        return self._compiled.compiled_metrics
+
+    @property
     def metrics(self) -> list[keras.metrics.Metric]:
         """The loss tracker followed by the compiled metrics; their results are the logs."""
-        return [self.loss_tracker, *self.compiled_metrics]
+        return self._compiled.metrics
+
+    @property
+    def non_finite(self) -> NonFinitePolicy:
+        """The non-finite policy (``Trainer(non_finite=...)``; fixed at construction)."""
+        return self._update.non_finite
 
     def compute_loss(self, batch: Nested, training: bool) -> tf.Tensor:
         """Returns the scalar mean loss of ``batch`` and updates the compiled metrics.
@@ -204,33 +193,23 @@ class Trainer:
         must be the *mean* over the batch's examples: accumulation weights it by example count.
         """
         x, y, sample_weight = data_lib.unpack_batch(batch)
-        if self.loss is None:
-            raise ConfigError(
-                "loss is None: pass Trainer(loss=...) or override compute_loss in a subclass."
-            )
         y_pred = self._call_model(x, training)
-        loss = self.loss(y, y_pred, sample_weight=sample_weight)
-        if loss.shape.rank == 1 and loss.shape[0] == 0:
-            # A replica's share of a batch smaller than the replica count is empty; Keras
-            # returns its per-example losses (none) instead of a mean. It has weight zero; the
-            # sum keeps it connected to the weights, so its gradients are zeros, not None,
-            # and every replica takes part in the same all-reduce.
-            loss = tf.reduce_sum(loss)
-        replicas = _distribute.replicas(self.strategy)
-        if replicas > 1:
-            # Keras losses divide by the number of replicas under a strategy; tfloop weights
-            # each replica's mean by its example count instead (exact for uneven splits).
-            loss = loss * tf.cast(replicas, loss.dtype)
-        extra = getattr(self.model, "losses", None)
-        if extra:
-            loss = loss + tf.add_n([tf.cast(term, loss.dtype) for term in extra])
+        # Keras losses divide by the number of replicas under a strategy; tfloop weights each
+        # replica's mean by its example count instead (exact for uneven splits), so it
+        # multiplies that back. The model's own losses (regularizers) are added.
+        loss = self._compiled.loss_value(
+            y,
+            y_pred,
+            sample_weight,
+            replicas=_distribute.replicas(self.strategy),
+            extra=getattr(self.model, "losses", None),
+        )
         user_code(self.update_metrics)(y, y_pred, sample_weight)
         return loss
 
     def update_metrics(self, y: Nested, y_pred: Nested, sample_weight: Nested = None) -> None:
         """Updates every compiled metric with one batch."""
-        for metric in self.compiled_metrics:
-            metric.update_state(y, y_pred, sample_weight=sample_weight)
+        self._compiled.update(y, y_pred, sample_weight)
 
     def train_step(self, batch: Nested) -> dict[str, tf.Tensor] | None:
         """One micro-batch: loss on a tape, gradients, then ``apply_gradients``.
@@ -246,11 +225,8 @@ class Trainer:
         gradients = tape.gradient(scaled_loss, self.trainable_variables)
         examples = data_lib.batch_size_of(batch)
         user_code(self.apply_gradients)(gradients, weight=examples, loss=loss)
-        if self.non_finite != "ignore":
-            # A dropped step does not count in the epoch's mean loss either.
-            finite = tf.math.is_finite(loss)
-            loss = tf.where(finite, loss, tf.zeros_like(loss))
-            examples = tf.where(finite, examples, tf.zeros_like(examples))
+        # A dropped micro-batch does not count in the epoch's mean loss either.
+        loss, examples = self._update.mask_non_finite(loss, examples)
         self.loss_tracker.update_state(loss, sample_weight=examples)
         return None
 
@@ -261,147 +237,10 @@ class Trainer:
 
         With accumulation the update happens when the window is full or the epoch ends; the
         partial last window is divided by its own total weight, never by ``accumulate_steps``.
-        Under a non-finite policy other than ``"ignore"`` (see ``NonFiniteGuard``), gradients
-        with a NaN or Inf (or a non-finite ``loss``, if given) are dropped in-graph, so they
-        never reach the weights.
+        Under a non-finite policy other than ``"ignore"``, gradients with a NaN or Inf (or a
+        non-finite ``loss``, if given) are dropped in-graph, so they never reach the weights.
         """
-        gradients = list(gradients)
-        accumulator = self._accumulator
-        if self.strategy is not None:
-            if self._uses_window():
-                self._accumulate_replica(gradients, weight, loss)
-            else:
-                self._update_replica(gradients, weight)
-            return
-        if accumulator is None:
-            self._unless_non_finite(gradients, loss, lambda: self._update(gradients))
-            return
-        # The compiled loop closes the window (applies the update) once it is full.
-        keep = None
-        if self.non_finite != "ignore":
-            keep, bad = self._non_finite_flags(gradients, loss)
-            self._record_dropped(keep, bad)
-        accumulator.accumulate(gradients, weight, keep)
-
-    def _close_window(self, epoch_end: tf.Tensor | None) -> None:
-        """Applies the accumulated window if it is full, or partial at the end of the epoch
-        (then discarded instead with ``drop_remainder``). Under a strategy this runs in
-        cross-replica context, where the accumulators read as global sums."""
-        accumulator = self._accumulator
-        assert accumulator is not None
-        ready = accumulator.ready
-        if epoch_end is None:
-            closes, drops = ready, None
-        elif self.drop_remainder:
-            closes = ready
-            drops = tf.logical_and(epoch_end, tf.logical_not(ready))
-        else:
-            closes, drops = tf.logical_or(ready, epoch_end), None
-        accumulator._apply_where(closes, self.optimizer, self.clip_global_norm)
-        if drops is not None:
-            accumulator._reset_where(drops)
-
-    def _uses_window(self) -> bool:
-        """Under a strategy: whether updates go through the on-read accumulator.
-
-        Needed for accumulation, for a non-finite policy, and for loss scaling: each decides
-        in a ``tf.cond`` whether to update, which only cross-replica context may hold.
-        """
-        return (
-            self.accumulate_steps > 1
-            or self.non_finite != "ignore"
-            or isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)
-        )
-
-    def _update_replica(self, gradients: list[Any], weight: Any) -> None:
-        """Under a strategy, one update per batch: each replica hands the optimizer its share
-        ``n_r / N * g_r`` and the optimizer's all-reduce sums the shares into the global-batch
-        gradient. Clipping uses the norm of that sum (one more all-reduce), never a share's."""
-        context = tf.distribute.get_replica_context()
-        weight = tf.cast(weight, tf.float32)
-        total = context.all_reduce(tf.distribute.ReduceOp.SUM, weight)
-        fraction = tf.math.divide_no_nan(weight, total)
-        shares = [None if g is None else tf.convert_to_tensor(g) * fraction for g in gradients]
-        if self.clip_global_norm is not None:
-            present = [g for g in shares if g is not None]
-            summed = context.all_reduce(tf.distribute.ReduceOp.SUM, present)
-            norm = tf.linalg.global_norm(summed)
-            factor = tf.minimum(1.0, tf.math.divide_no_nan(self.clip_global_norm, norm))
-            shares = [None if g is None else g * tf.cast(factor, g.dtype) for g in shares]
-        self.optimizer.apply_gradients(zip(shares, self.trainable_variables, strict=False))
-
-    def _accumulate_replica(self, gradients: list[Any], weight: Any, loss: Any) -> None:
-        """Under a strategy: adds this replica's share; the loop applies the window.
-
-        The update happens in cross-replica context (``_close_window``), where the global sums
-        are read, so nothing here synchronizes inside control flow. A non-finite micro-batch
-        on any replica is dropped on every replica (one all-reduce of the flags, no ``cond``).
-        """
-        accumulator = self._accumulator
-        assert accumulator is not None
-        keep = None
-        if self.non_finite != "ignore":
-            _, local_bad = self._non_finite_flags(gradients, loss)
-            context = tf.distribute.get_replica_context()
-            bad = context.all_reduce(tf.distribute.ReduceOp.SUM, local_bad)
-            keep = tf.reduce_all(tf.equal(bad, 0.0))
-            self._step_kept, self._step_bad = keep, bad
-        accumulator.accumulate(gradients, weight, keep)
-
-    def _record_dropped(self, kept: tf.Tensor, bad: tf.Tensor) -> None:
-        """The non-finite bookkeeping of a dropped micro-batch (``bad[j] > 0``: tensor ``j``,
-        the loss then each gradient, was not finite). Cross-replica context under a strategy."""
-
-        def skip() -> tf.Tensor:
-            step = tf.cast(self.optimizer.iterations, tf.int64)
-            first = self._first_non_finite_step
-            is_first = first < 0
-            first.assign(tf.where(is_first, step, first))
-            which = tf.argmax(tf.cast(bad > 0, tf.int32), output_type=tf.int64)
-            self._first_non_finite_tensor.assign(
-                tf.where(is_first, which, self._first_non_finite_tensor)
-            )
-            self._non_finite_steps.assign_add(1)
-            return tf.constant(False)
-
-        tf.cond(kept, lambda: tf.constant(True), skip)
-
-    @staticmethod
-    def _non_finite_flags(gradients: list[Any], loss: Any) -> tuple[tf.Tensor, tf.Tensor]:
-        """Whether the micro-batch is finite, and per tensor (loss, then gradients) whether
-        it is not (1.0). The loss is checked too: a NaN picked by tf.where has a finite (zero)
-        gradient."""
-        bad = tf.stack(
-            [
-                tf.cast(tf.logical_not(tf.reduce_all(tf.math.is_finite(t))), tf.float32)
-                if t is not None
-                else tf.constant(0.0)
-                for t in [loss, *gradients]
-            ]
-        )
-        return tf.reduce_all(tf.equal(bad, 0.0)), bad
-
-    def _update(self, gradients: list[Any]) -> None:
-        gradients = clip_gradients(gradients, self.clip_global_norm, self.optimizer)
-        self.optimizer.apply_gradients(zip(gradients, self.trainable_variables, strict=False))
-
-    def _unless_non_finite(self, gradients: list[Any], loss: Any, action: Any) -> None:
-        if self.non_finite == "ignore":
-            action()
-            return
-        finite, bad = self._non_finite_flags(gradients, loss)
-
-        def run() -> tf.Tensor:
-            action()
-            return tf.constant(True)
-
-        tf.cond(finite, run, lambda: tf.constant(False))
-        self._record_dropped(finite, bad)
-
-    @property
-    def first_non_finite_step(self) -> int:
-        """The update step at which the first non-finite gradient was dropped (-1: none yet)."""
-        return int(self._first_non_finite_step.numpy())
+        self._update.apply_gradients(gradients, weight, loss)
 
     def test_step(self, batch: Nested) -> dict[str, tf.Tensor] | None:
         """One evaluation batch: loss and metrics, no update."""
@@ -420,14 +259,45 @@ class Trainer:
             return self.model(x, training=training)
         return user_code(self.model)(x)
 
+    def _metric_results(self) -> dict[str, tf.Tensor]:
+        # self.metrics, not the compiled ones: a subclass may add its own metrics there.
+        return {metric.name: metric.result() for metric in self.metrics}
+
     def _results(self) -> dict[str, tf.Tensor]:
-        logs = {metric.name: metric.result() for metric in self.metrics}
-        logs["step"] = tf.identity(self.optimizer.iterations)
-        if self._accumulator is not None:
-            logs["_window"] = tf.identity(self._accumulator.count)
-        if self.non_finite != "ignore":
-            logs["non_finite_steps"] = tf.identity(self._non_finite_steps)
-        return logs
+        return {**self._metric_results(), **self._update.results()}
+
+    def _reset_metrics(self) -> None:
+        for metric in self.metrics:
+            metric.reset_state()
+
+    # --------------------------------------------------------------------- what callbacks see
+
+    @property
+    def non_finite_steps(self) -> int:
+        """Micro-batches dropped so far for a NaN or Inf (under ``non_finite`` "skip"/"raise")."""
+        return _distribute.read_int(self._update.non_finite_steps)
+
+    @property
+    def first_non_finite_step(self) -> int:
+        """The update step at which the first non-finite gradient was dropped (-1: none yet)."""
+        return _distribute.read_int(self._update.first_non_finite_step)
+
+    @property
+    def first_non_finite_tensor(self) -> str:
+        """What was non-finite then: ``"loss"`` or ``"gradient of <variable>"``."""
+        return self._update.variable_name(
+            _distribute.read_int(self._update.first_non_finite_tensor)
+        )
+
+    def checkpoint_objects(self) -> dict[str, Any]:
+        """What a checkpoint saves of this trainer (its data position is the controller's)."""
+        return {
+            "model": self.model,
+            "optimizer": self.optimizer,
+            "metrics": [v for metric in self.metrics for v in metric.variables],
+            "seed_generators": _seeds.seed_generator_states(self.model),
+            **self._update.checkpoint_objects(),
+        }
 
     # ------------------------------------------------------------------------------ the API
 
@@ -460,71 +330,47 @@ class Trainer:
             shuffle: shuffle arrays each epoch (seeded by ``seed`` and the epoch number).
             verbose: 1 shows progress (a bar on a terminal, plain lines otherwise); 0 is silent.
         """
-        epochs = _validate_count(epochs, "epochs", minimum=1)
-        if steps_per_epoch is not None:
-            steps_per_epoch = _validate_count(steps_per_epoch, "steps_per_epoch", minimum=1)
-        validation_freq = _validate_count(validation_freq, "validation_freq", minimum=1)
-        initial_epoch = _validate_count(initial_epoch or 0, "initial_epoch", minimum=0)
-        source = data_lib.adapt(
-            data, batch_size=batch_size, shuffle=shuffle, seed=self._data_seed, argument="data"
-        )
-        if source.infinite and steps_per_epoch is None:
-            raise DataError(
-                "data is an infinite dataset (it repeats forever); pass steps_per_epoch=... "
-                "to say how many batches make an epoch."
-            )
-        if (
-            isinstance(source, data_lib._ArraySource)
-            and steps_per_epoch is not None
-            and steps_per_epoch > (source.steps_per_epoch or 0)
-        ):
-            raise ConfigError(
-                f"steps_per_epoch={steps_per_epoch} is more than the "
-                f"{source.steps_per_epoch} batches the arrays hold; lower it or leave it "
-                "None (one pass over the arrays per epoch)."
-            )
-        validation = None
-        if validation_data is not None:
-            validation = data_lib.adapt(
-                validation_data, batch_size=batch_size, shuffle=False, argument="validation_data"
-            )
-        self._check_can_train()
-
-        epoch_steps = steps_per_epoch or source.steps_per_epoch
-        source.steps_per_execution = self._resolve_steps_per_execution(source, epoch_steps)
-        if validation is not None:
-            validation.steps_per_execution = self._resolve_steps_per_execution(
-                validation, validation.steps_per_epoch
-            )
-        plan = FitPlan(
-            source=source,
-            validation=validation,
+        plan = plan_fit(
+            data,
             epochs=epochs,
-            initial_epoch=initial_epoch,
             steps_per_epoch=steps_per_epoch,
+            validation_data=validation_data,
             validation_freq=validation_freq,
-            # One iterator across epochs when the user sets the epoch length of a dataset, so
-            # an infinite or long dataset is not restarted every epoch (as in Keras).
-            persistent=steps_per_epoch is not None
-            and not isinstance(source, data_lib._ArraySource),
+            initial_epoch=initial_epoch,
+            batch_size=batch_size,
+            shuffle=shuffle,
             verbose=verbose,
+            steps_per_execution=self.steps_per_execution,
+            data_seed=self._data_seed,
         )
-        history = History()
-        extra: list[Callback] = [history]
-        if verbose:
-            extra.append(ProgressBar())
-        callbacks = CallbackList([*self.callbacks, *extra], trainer=self)
+        _checks.check_can_train(
+            self.loss,
+            self.trainable_variables,
+            overrides_loss=_overrides(self, "compute_loss"),
+            overrides_step=_overrides(self, "train_step"),
+        )
         self.stop_training = False
-        self.preempted = False
-        loop = FitLoop(self, plan, callbacks)
-        self._in_fit, self._epochs, self._steps_per_epoch = True, epochs, epoch_steps
-        self._validation_freq = validation_freq if validation is not None else None
+        controller = Controller(self._fit_hooks(), plan, self.checkpoint)
+        self.run_info = controller.info
         try:
-            loop.start()
-            loop.run()
+            return controller.fit(self, self.callbacks)
         finally:
-            self._in_fit = False
-        return history
+            self._data_seed = controller.data_seed
+            self.preempted = controller.preempted
+            self.stop_reason = controller.stop_reason
+
+    def _fit_hooks(self) -> FitHooks:
+        return FitHooks(
+            build=lambda batch: self._build(batch, training=True),
+            train_loop=lambda: self._loop("train"),
+            evaluate=lambda source, callbacks: self._evaluate(source, None, callbacks),
+            results=self._results,
+            reset_metrics=self._reset_metrics,
+            checkpoint_objects=self.checkpoint_objects,
+            micro_batches_per_update=self.accumulate_steps,
+            strategy=self.strategy,
+            scope=self._scope,
+        )
 
     def evaluate(
         self,
@@ -543,15 +389,10 @@ class Trainer:
             >>> sorted(trainer.evaluate((np.ones((10, 2)), np.ones((10, 1)))))
             ['loss', 'mae']
         """
-        if steps is not None:
-            steps = _validate_count(steps, "steps", minimum=1)
-        source = data_lib.adapt(data, batch_size=batch_size, shuffle=False, argument="data")
-        self._check_steps_for_infinite(source, steps)
+        steps = _validate.optional_count(steps, "steps")
+        source = self._adapt_for_inference(data, steps, batch_size)
         callbacks = CallbackList(
             [*self.callbacks, *([ProgressBar()] if verbose else [])], trainer=self
-        )
-        source.steps_per_execution = self._resolve_steps_per_execution(
-            source, steps or source.steps_per_epoch
         )
         return self._evaluate(source, steps, callbacks)
 
@@ -566,33 +407,17 @@ class Trainer:
             >>> tfloop.Trainer(model).predict(np.ones((5, 3))).shape
             (5, 2)
         """
-        if steps is not None:
-            steps = _validate_count(steps, "steps", minimum=1)
-        source = data_lib.adapt(data, batch_size=batch_size, shuffle=False, argument="data")
-        self._check_steps_for_infinite(source, steps)
-        source.steps_per_execution = self._resolve_steps_per_execution(
-            source, steps or source.steps_per_epoch
-        )
+        steps = _validate.optional_count(steps, "steps")
+        source = self._adapt_for_inference(data, steps, batch_size)
         stream = source.stream(0)
-        first = stream.peek_batch()
-        if first is None:
-            raise DataError("data yielded no batches; pass a non-empty dataset.")
+        _seeds.seed_unbuilt_model(self.model, self.seed)
         with self._scope():
-            self._check_model_accepts(first)
+            _checks.check_model_accepts(self.predict_step, stream.first_batch(), self.model)
         callbacks = CallbackList(self.callbacks, trainer=self)
         callbacks.on_predict_start({})
-        loop = self._loop("predict")
-        outputs: list[Any] = []
-        for chunk_data, start, stop in _chunks(stream, source.steps_per_execution, steps):
-            stacked = loop(chunk_data, start, stop)
-            outputs.append(
-                tf.nest.map_structure(
-                    lambda t: np.reshape(t[start:stop].numpy(), (-1, *t.shape[2:])),  # noqa: B023
-                    stacked,
-                )
-            )
+        outputs = self._loop("predict").predict(stream.chunks(source.steps_per_execution, steps))
         callbacks.on_predict_end({})
-        return tf.nest.map_structure(lambda *parts: np.concatenate(parts), *outputs)
+        return outputs
 
     def export(self, path: str | os.PathLike[str]) -> str:
         """Saves the model for inference without tfloop; returns the path written.
@@ -601,221 +426,75 @@ class Trainer:
         any other path a SavedModel directory (``tf.saved_model.load``), which a plain
         ``tf.Module`` is always exported to.
         """
-        path = os.fspath(path)
-        if isinstance(self.model, keras.Model):
-            if path.endswith(".keras"):
-                self.model.save(path)
-            else:
-                self.model.export(path, format="tf_saved_model", verbose=False)
-            return path
-        if path.endswith(".keras"):
-            raise ConfigError(
-                f"export path {path!r} asks for a .keras file, but the model is a "
-                f"{type(self.model).__name__}, not a keras.Model; pass a directory path."
-            )
-        tf.saved_model.save(self.model, path)
-        return path
+        return export_model(self.model, path)
 
     # ------------------------------------------------------------------------- host-side loop
+
+    def _adapt_for_inference(
+        self, data: Any, steps: int | None, batch_size: int | None
+    ) -> data_lib.DataSource:
+        return data_lib.adapt(
+            data,
+            batch_size=batch_size,
+            steps_per_execution=self.steps_per_execution,
+            steps=steps,
+            shuffle=False,
+        )
 
     def _evaluate(
         self, source: data_lib.DataSource, steps: int | None, callbacks: CallbackList
     ) -> dict[str, float]:
         stream = source.stream(0)
-        first = stream.peek_batch()
-        if first is None:
-            raise DataError("data yielded no batches; pass a non-empty dataset.")
         with self._scope():
-            self._build(first, training=False)
-        loop = self._loop("test")
-        for metric in self.metrics:
-            metric.reset_state()
-        callbacks.on_eval_start({})
-        logs: dict[str, float] = {}
-        for piece, start, stop in _chunks(stream, source.steps_per_execution, steps):
-            results, step_logs = loop(piece, start, stop)
-            logs = _to_floats(results, step_logs)
-        for internal in ("step", "_window", "non_finite_steps"):
-            logs.pop(internal, None)
-        callbacks.on_eval_end(logs)
-        return logs
+            self._build(stream.first_batch(), training=False)  # resets the metrics
+        chunks = stream.chunks(source.steps_per_execution, steps)
+        return run_evaluation(self._loop("test"), chunks, callbacks)
 
-    def _loop(self, kind: str) -> CompiledLoop:
-        # The non-finite policy is baked into the trace, so it is part of the cache key.
-        key = f"{kind}/{self.non_finite}" if kind == "train" else kind
-        if key not in self._loops:
-            self._loops[key] = CompiledLoop(self, kind, self.jit_compile)
-        return self._loops[key]
+    def _loop(self, kind: Literal["train", "test", "predict"]) -> CompiledLoop:
+        if kind not in self._loops:
+            self._loops[kind] = CompiledLoop(self._loop_spec(kind))
+        return self._loops[kind]
+
+    def _loop_spec(self, kind: Literal["train", "test", "predict"]) -> LoopSpec:
+        """What the loop of ``kind`` is made of; what only the Trainer knows is decided here:
+        which step methods a subclass overrides, and whether XLA is on."""
+        jit, fallback = _config.jit_choice(self.jit_compile, self.model, self.strategy)
+        returns_logs = _overrides(self, f"{kind}_step")
+        if kind == "train":
+            # A step adds exactly one micro-batch (may unroll): tfloop's train_step, unguarded.
+            overridden = returns_logs or _overrides(self, "apply_gradients")
+            window = self._update if self._update.accumulator is not None else None
+            unroll = not (overridden or self._update.guards)
+            spec = LoopSpec(kind, self.train_step, self._results, returns_logs, window, unroll)
+        else:
+            step = self.predict_step if kind == "predict" else self.test_step
+            spec = LoopSpec(kind, step, None if kind == "predict" else self._metric_results)
+            spec = dataclasses.replace(spec, returns_logs=returns_logs)
+        return dataclasses.replace(spec, strategy=self.strategy, jit=jit, jit_fallback=fallback)
 
     # ------------------------------------------------------------------- checks and building
 
-    def _check_can_train(self) -> None:
-        overrides_loss = type(self).compute_loss is not Trainer.compute_loss
-        overrides_step = type(self).train_step is not Trainer.train_step
-        if self.loss is None and not (overrides_loss or overrides_step):
-            raise ConfigError(
-                "loss is None: pass Trainer(loss=...) (e.g. 'mse') or override compute_loss."
-            )
-        if not self.trainable_variables and not overrides_step:
-            raise ConfigError(
-                "model has no trainable variables, so there is nothing to train; build the "
-                "model (or unfreeze its layers) before fit."
-            )
-
-    def _check_steps_for_infinite(self, source: data_lib.DataSource, steps: int | None) -> None:
-        if source.infinite and steps is None:
-            raise DataError(
-                "data is an infinite dataset; pass steps=... to say how many batches to use."
-            )
-
-    def _resolve_steps_per_execution(
-        self, source: data_lib.DataSource, epoch_steps: int | None
-    ) -> int:
-        if self.steps_per_execution != "auto":
-            return int(self.steps_per_execution)
-        steps = AUTO_STEPS_PER_EXECUTION
-        batch_bytes = max(1, source.bytes_per_batch)
-        while steps < AUTO_STEPS_MAX and 2 * steps * batch_bytes <= SMALL_SUPERBATCH:
-            steps *= 2
-        if epoch_steps is not None:
-            steps = min(steps, epoch_steps)
-        return max(1, min(steps, SUPERBATCH_MEMORY_CAP // max(1, source.bytes_per_batch)))
-
-    def _check_model_accepts(self, batch: Nested) -> Nested:
-        """Runs the model once, eagerly, on one batch; turns a failure into a DataError."""
-        x, _, _ = data_lib.unpack_batch(batch)
-        self._maybe_seed_unbuilt_model()
-        try:
-            return self.predict_step(batch)
-        except Exception as error:
-            expected = _expected_input(self.model)
-            raise DataError(
-                f"data: the model cannot take x {_describe(x)}{expected}: {_first_line(error, 400)}. "
-                "Reshape or cast x to the model's input, or change the model's Input. If the "
-                "data is an unbatched dataset, call .batch(batch_size) on it."
-            ) from error
-
     def _build(self, batch: Nested, training: bool) -> None:
-        """Creates everything the compiled loop needs, checking the data against the model.
-
-        Runs the model and the loss once, eagerly, on one batch, so a shape or dtype mismatch
-        surfaces here as a DataError that names the argument, not as a graph stack trace.
-        That dry run is skipped for a batch of the structure, shapes and dtypes already checked
-        against this model and loss (a second ``fit``, one ``fit`` per epoch).
-        """
-        overrides_loss = type(self).compute_loss is not Trainer.compute_loss
+        """Creates everything the compiled loop needs, checking the data against the model
+        with a dry run (``_checks.py``) for each new input signature."""
+        overrides_loss = _overrides(self, "compute_loss")
         step = "train_step" if training else "test_step"
-        # A step override that never calls the default compute_loss (loss=None) has no loss
-        # to check here; its own code runs when the loop is traced.
-        checks_loss = (
-            overrides_loss
-            or self.loss is not None
-            or (getattr(type(self), step) is getattr(Trainer, step))
+        self._dry_run.check(
+            batch,
+            overrides_loss=overrides_loss,
+            # A step override that never calls the default compute_loss (loss=None) has no
+            # loss to check here; its own code runs when the loop is traced.
+            checks_loss=overrides_loss or self.loss is not None or not _overrides(self, step),
         )
-        _, y, _ = data_lib.unpack_batch(batch)
-        signature = (
-            id(self.model),
-            id(self.loss),
-            repr(tf.nest.map_structure(lambda _: 0, batch)),
-            tuple((tuple(t.shape), t.dtype.name) for t in tf.nest.flatten(batch)),
-        )
-        validated = self._validated_inputs
-        if signature in validated:
-            for metric in self.metrics:
-                metric.reset_state()  # as after the dry run
-        else:
-            if not overrides_loss or self._metric_specs:
-                y_pred = self._check_model_accepts(batch)
-                if not self._built_metrics:
-                    self.compiled_metrics = [
-                        _resolve_metric(spec, self.loss, y, y_pred) for spec in self._metric_specs
-                    ]
-                    self._built_metrics = True
-            if y is None and not overrides_loss and checks_loss:
-                raise DataError(
-                    "data has no targets: pass (x, y) or a dataset of (x, y) tuples (or "
-                    "override compute_loss for a loss without targets)."
-                )
-            try:
-                if checks_loss:
-                    self.compute_loss(batch, training=False)
-            except (ConfigError, DataError):
-                raise
-            except Exception as error:
-                raise DataError(
-                    f"data: the loss cannot be computed for y {_describe(y)}: "
-                    f"{_first_line(error, 400)}. Check that y matches the model's output and the "
-                    "loss (e.g. one-hot labels for categorical_crossentropy, integer labels for "
-                    "sparse_categorical_crossentropy)."
-                ) from error
-            finally:
-                for metric in self.metrics:
-                    metric.reset_state()
-            validated.add(signature)
         if training and not self._built_training:
-            variables = self.trainable_variables
-            if not getattr(self.optimizer, "built", False):
-                self.optimizer.build(variables)
-            # Under a strategy every update goes through the accumulator (see _distribute.py).
-            if self.accumulate_steps > 1 or self.strategy is not None:
-                self._accumulator = GradientAccumulator(variables, self.accumulate_steps)
-            self._reseed_dropout()
+            self._update.build(self.trainable_variables)
+            _seeds.reseed_generators(self.model, self.seed)
             self._built_training = True
-
-    def _maybe_seed_unbuilt_model(self) -> None:
-        if self.seed is not None and not getattr(self.model, "built", True):
-            keras.utils.set_random_seed(self.seed)
-
-    def _seed_generator_states(self) -> list[Any]:
-        """The state variables of every Keras seed generator in the model (Dropout, noise)."""
-        if not isinstance(self.model, keras.Model):
-            return []
-        return [
-            generator.state
-            for layer in self.model._flatten_layers(include_self=True)
-            for generator in getattr(layer, "_seed_generators", [])
-        ]
-
-    def _reseed_dropout(self) -> None:
-        """Gives every Keras seed generator (Dropout, noise layers) a state derived from seed."""
-        if self.seed is None:
-            return
-        for index, state in enumerate(self._seed_generator_states()):
-            state.assign(tf.constant([self.seed, index], dtype=state.dtype))
 
 
 # ------------------------------------------------------------------------------ helpers
 
 
-def _chunks(
-    stream: data_lib.StepStream, limit: int, steps: int | None
-) -> Iterable[tuple[Nested, int, int]]:
-    done = 0
-    while steps is None or done < steps:
-        chunk = stream.next_chunk(limit if steps is None else min(limit, steps - done))
-        if chunk is None:
-            return
-        done += chunk[2] - chunk[1]
-        yield chunk
-
-
-def _to_floats(results: dict[str, Any], step_logs: dict[str, Any] | None) -> dict[str, float]:
-    logs = {name: float(value) for name, value in results.items()}
-    for name, value in (step_logs or {}).items():
-        logs[name] = float(np.asarray(value).mean())
-    return logs
-
-
-def _describe(value: Nested) -> str:
-    if value is None:
-        return "(none)"
-    parts = [f"{tuple(t.shape)} {t.dtype.name}" for t in tf.nest.flatten(value)]
-    return "of shape/dtype " + ", ".join(parts)
-
-
-def _expected_input(model: Any) -> str:
-    try:
-        shape = model.input_shape
-    except (AttributeError, ValueError, RuntimeError):
-        return ""
-    return f" (the model expects {shape})"
+def _overrides(trainer: Trainer, method: str) -> bool:
+    """Whether ``trainer``'s class overrides the Trainer's ``method``."""
+    return getattr(type(trainer), method) is not getattr(Trainer, method)

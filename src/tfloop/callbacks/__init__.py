@@ -1,6 +1,6 @@
 """Callbacks: hooks called by the Trainer between compiled executions, and the built-in ones."""
 
-from tfloop.callbacks.base import Callback, CallbackList
+from tfloop.callbacks.base import Callback, CallbackList, RunInfo, TrainerView
 from tfloop.callbacks.csv_logger import CSVLogger
 from tfloop.callbacks.early_stopping import EarlyStopping
 from tfloop.callbacks.history import History
@@ -25,7 +25,9 @@ __all__ = [
     "NonFiniteGuard",
     "ProgressBar",
     "ReduceLROnPlateau",
+    "RunInfo",
     "TensorBoard",
     "TerminateOnNaN",
     "Throughput",
+    "TrainerView",
 ]

@@ -8,11 +8,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from tfloop.errors import ConfigError
-
 __all__ = [
-    "check_count",
-    "check_number",
     "finite_or_none",
     "has_schedule",
     "learning_rate_of",
@@ -54,22 +50,3 @@ def finite_or_none(value: Any) -> float | None:
     """``float(value)``, or ``None`` for NaN/Inf (strict JSON has no NaN)."""
     number = float(value)
     return number if math.isfinite(number) else None
-
-
-def check_count(value: Any, name: str, owner: str, minimum: int = 0) -> int:
-    """``value`` as an int >= ``minimum``, or a ConfigError naming ``owner(name=...)``."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ConfigError(f"{owner}: {name} must be an int >= {minimum}, got {value!r}.")
-    return int(value)
-
-
-def check_number(value: Any, name: str, owner: str, minimum: float = 0.0) -> float:
-    """``value`` as a finite float >= ``minimum``, or a ConfigError."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float, np.integer, np.floating))
-        or not math.isfinite(float(value))
-        or value < minimum
-    ):
-        raise ConfigError(f"{owner}: {name} must be a number >= {minimum}, got {value!r}.")
-    return float(value)

@@ -64,6 +64,29 @@ class LogFile:
         self._file.flush()
         self.offset = self._file.tell()
 
+    def read(self) -> str:
+        """The file's whole lines (a partial last line of a killed process left out)."""
+        if not self.path.exists():
+            return ""
+        data = self.path.read_bytes()
+        return data[: data.rfind(b"\n") + 1].decode("utf-8")
+
+    def rewrite(self, text: str) -> None:
+        """Replaces the file's content with ``text`` (whole lines), atomically: a reader sees
+        the old file or the new one, never a mix. Appending goes on after it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        was_open = self._file is not None
+        self.close()
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        temporary.write_bytes(text.encode("utf-8"))
+        os.replace(temporary, self.path)
+        self._roll_back = None
+        self._opened_before = True
+        if was_open:
+            self.open()
+        else:
+            self.offset = len(text.encode("utf-8"))
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()

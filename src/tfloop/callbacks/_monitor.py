@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
-from tfloop.callbacks._common import check_number
-from tfloop.callbacks.base import Logs
+from tfloop import _validate
+from tfloop.callbacks.base import Logs, TrainerView
 from tfloop.errors import ConfigError
-
-if TYPE_CHECKING:
-    from tfloop.trainer import Trainer
 
 __all__ = ["Mode", "Monitor"]
 
@@ -36,11 +33,11 @@ class Monitor:
         self.owner = owner
         self.monitor = monitor
         self.mode: Mode = mode  # type: ignore[assignment]
-        self.min_delta = check_number(min_delta, "min_delta", owner)
+        self.min_delta = _validate.number(min_delta, "min_delta", owner=owner)
         self._direction: Literal["min", "max"] | None = None if mode == "auto" else mode  # type: ignore[assignment]
-        self._trainer: Trainer | None = None
+        self._trainer: TrainerView | None = None
 
-    def bind(self, trainer: Trainer | None) -> None:
+    def bind(self, trainer: TrainerView | None) -> None:
         """At the start of ``fit``: checks what can be checked before training.
 
         A ``val_*`` key needs ``validation_data``. The direction of a Trainer metric is fixed
@@ -51,16 +48,15 @@ class Monitor:
         self._trainer = trainer
         if trainer is None:
             return
-        in_fit_without_validation = (
-            getattr(trainer, "_in_fit", False) and getattr(trainer, "_validation_freq", 0) is None
-        )
+        info = trainer.run_info
+        in_fit_without_validation = info.in_fit and not info.validates
         if self.monitor.startswith("val_") and in_fit_without_validation:
             raise ConfigError(
                 f"{self.owner}: monitor={self.monitor!r} needs validation results, but fit has "
                 "no validation_data. Pass validation_data=... to fit, or monitor a training key "
                 f"such as {self.monitor.removeprefix('val_')!r}."
             )
-        names = {getattr(metric, "name", None) for metric in getattr(trainer, "metrics", ())}
+        names = {getattr(metric, "name", None) for metric in trainer.metrics}
         if self._direction is None and self.monitor.removeprefix("val_") in names:
             self.direction()
 

@@ -7,15 +7,56 @@ logs of its last step, and never forces a device sync of its own.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from tfloop.trainer import Trainer
-
-__all__ = ["Callback", "CallbackList", "Logs"]
+__all__ = ["Callback", "CallbackList", "Logs", "RunInfo", "TrainerView", "update_count"]
 
 Logs = dict[str, float]
+
+
+@dataclasses.dataclass
+class RunInfo:
+    """What a callback may know about the ``fit`` in progress (``trainer.run_info``).
+
+    Attributes:
+        in_fit: whether a ``fit`` is running (an ``evaluate`` inside it is a validation).
+        epochs: the epoch ``fit`` stops at (``None`` outside ``fit``).
+        steps_per_epoch: micro-batches per epoch, if known.
+        validates: whether this ``fit`` has validation data.
+        epoch: the current epoch (0-based).
+    """
+
+    in_fit: bool = False
+    epochs: int | None = None
+    steps_per_epoch: int | None = None
+    validates: bool = False
+    epoch: int = 0
+
+
+class TrainerView(Protocol):
+    """The part of a ``tfloop.Trainer`` callbacks use (all public; a test may pass a stub)."""
+
+    model: Any
+    optimizer: Any
+    stop_training: bool
+    run_info: RunInfo
+
+    @property
+    def metrics(self) -> list[Any]: ...
+
+    @property
+    def trainable_variables(self) -> list[Any]: ...
+
+    @property
+    def non_finite_steps(self) -> int: ...
+
+    @property
+    def first_non_finite_step(self) -> int: ...
+
+    @property
+    def first_non_finite_tensor(self) -> str: ...
 
 
 class Callback:
@@ -34,9 +75,10 @@ class Callback:
         0 ['loss']
     """
 
-    trainer: Trainer | None = None
+    trainer: Any = None
+    """The :class:`TrainerView` of the Trainer running this callback (set by the Trainer)."""
 
-    def set_trainer(self, trainer: Trainer) -> None:
+    def set_trainer(self, trainer: TrainerView) -> None:
         """Called by the Trainer before any event."""
         self.trainer = trainer
 
@@ -82,7 +124,7 @@ class Callback:
         """Restores what :meth:`state_dict` returned."""
 
 
-def _updates(trainer: Any) -> int:
+def update_count(trainer: Any) -> int:
     """``trainer.optimizer.iterations`` as an int (a mirrored variable under a strategy
     converts only through ``numpy()``)."""
     value = trainer.optimizer.iterations
@@ -103,7 +145,9 @@ class CallbackList:
         ['Record']
     """
 
-    def __init__(self, callbacks: Iterable[Callback] = (), trainer: Trainer | None = None) -> None:
+    def __init__(
+        self, callbacks: Iterable[Callback] = (), trainer: TrainerView | None = None
+    ) -> None:
         self.callbacks: Sequence[Callback] = list(callbacks)
         if trainer is not None:
             for callback in self.callbacks:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import csv
 import io
 import os
-from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
+from tfloop.callbacks._logfile import LogFile
 from tfloop.callbacks.base import Callback, Logs
 from tfloop.errors import ConfigError
 
@@ -47,99 +47,73 @@ class CSVLogger(Callback):
     ) -> None:
         if not isinstance(separator, str) or len(separator) != 1:
             raise ConfigError(f"CSVLogger: separator must be one character, got {separator!r}.")
-        self.filename = Path(filename)
         self.separator = separator
         self.append = append
         self.columns: list[str] = []
         self.rows = 0
-        self._file: BinaryIO | None = None
-        self._opened_before = False
+        self._file = LogFile(filename, append=append)
+        self._started = False
         self._roll_back: dict[str, Any] | None = None
 
+    @property
+    def filename(self) -> os.PathLike[str]:
+        return self._file.path
+
     def on_epoch_end(self, epoch: int, logs: Logs) -> None:
-        self._open()
+        self._start()
         new = [name for name in sorted(logs) if name not in self.columns]
         if new or not self.columns:
             self._rewrite((self.columns or ["epoch"]) + new, self._read_rows())
         row = {"epoch": str(epoch), **{name: _cell(value) for name, value in logs.items()}}
-        self._write_lines([[row.get(name, "") for name in self.columns]])
+        self._file.write(self._encode([[row.get(name, "") for name in self.columns]]))
         self.rows += 1
 
     def on_fit_end(self, logs: Logs) -> None:
-        self._close()
+        self._file.close()
 
     def state_dict(self) -> dict[str, Any]:
         return {"columns": list(self.columns), "rows": self.rows}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._close()
+        self._file.close()
         self._roll_back = {"columns": list(state["columns"]), "rows": int(state["rows"])}
 
     # ------------------------------------------------------------------------ the file
 
-    def _open(self) -> None:
-        if self._file is not None:
-            return
-        self.filename.parent.mkdir(parents=True, exist_ok=True)
+    def _start(self) -> None:
+        """At the first row of a fit: cut a resumed run's file back to its checkpoint's rows;
+        else start afresh, or keep what is there (``append``), dropping a partial last line."""
         if self._roll_back is not None:
             rows = self._read_rows()[: self._roll_back["rows"]]
             self._rewrite(self._roll_back["columns"] or self.columns, rows)
-        elif not self.append and not self._opened_before:
-            self._rewrite([], [])
-        else:
-            # Rewriting what is there also drops a partial last line of a killed run.
-            self._rewrite(self._read_header(), self._read_rows())
+        elif not self._started:
+            lines = self._lines() if self.append else []
+            self._rewrite(lines[0] if lines else [], self._read_rows() if lines else [])
         self._roll_back = None
-        self._opened_before = True
-        self._file = open(self.filename, "ab")  # noqa: SIM115 - kept open across epochs
+        self._started = True
 
-    def _close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-    def _complete_lines(self) -> list[list[str]]:
-        if not self.filename.exists():
-            return []
-        text = self.filename.read_text(encoding="utf-8")
-        text = text[: text.rfind("\n") + 1]
-        return list(csv.reader(io.StringIO(text), delimiter=self.separator))
-
-    def _read_header(self) -> list[str]:
-        lines = self._complete_lines()
-        return lines[0] if lines else []
+    def _lines(self) -> list[list[str]]:
+        return list(csv.reader(io.StringIO(self._file.read()), delimiter=self.separator))
 
     def _read_rows(self) -> list[dict[str, str]]:
-        lines = self._complete_lines()
+        lines = self._lines()
         if not lines:
             return []
         header = lines[0]
         return [dict(zip(header, line, strict=False)) for line in lines[1:]]
 
     def _rewrite(self, columns: list[str], rows: list[dict[str, str]]) -> None:
-        was_open = self._file is not None
-        self._close()
-        temporary = self.filename.with_name(self.filename.name + ".tmp")
-        with open(temporary, "wb") as file:
-            lines = ([columns] if columns else []) + [
-                [row.get(name, "") for name in columns] for row in rows
-            ]
-            file.write(self._encode(lines))
-        os.replace(temporary, self.filename)
+        lines = ([columns] if columns else []) + [
+            [row.get(name, "") for name in columns] for row in rows
+        ]
+        self._file.rewrite(self._encode(lines))
         self.columns, self.rows = list(columns), len(rows)
-        if was_open:
-            self._file = open(self.filename, "ab")  # noqa: SIM115
 
-    def _write_lines(self, lines: list[list[str]]) -> None:
-        assert self._file is not None
-        self._file.write(self._encode(lines))
-        self._file.flush()
-
-    def _encode(self, lines: list[list[str]]) -> bytes:
+    def _encode(self, lines: list[list[str]]) -> str:
         buffer = io.StringIO()
         writer = csv.writer(buffer, delimiter=self.separator, lineterminator="\n")
         writer.writerows(lines)
-        return buffer.getvalue().encode("utf-8")
+        return buffer.getvalue()
 
 
 def _cell(value: Any) -> str:

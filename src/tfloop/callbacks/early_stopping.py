@@ -7,7 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from tfloop.callbacks._common import check_count, restore_weights, snapshot_weights
+from tfloop import _validate
+from tfloop.callbacks._common import restore_weights, snapshot_weights
 from tfloop.callbacks._monitor import Monitor
 from tfloop.callbacks.base import Callback, Logs
 
@@ -70,10 +71,10 @@ class EarlyStopping(Callback):
     ) -> None:
         owner = "EarlyStopping"
         self.monitor = Monitor(owner, monitor, mode, min_delta)
-        self.patience = check_count(patience, "patience", owner)
+        self.patience = _validate.count(patience, "patience", owner=owner)
         self.baseline = None if baseline is None else float(baseline)
         self.restore_best_weights = bool(restore_best_weights)
-        self.start_from_epoch = check_count(start_from_epoch, "start_from_epoch", owner)
+        self.start_from_epoch = _validate.count(start_from_epoch, "start_from_epoch", owner=owner)
         self.verbose = verbose
         self.best_weights: list[np.ndarray] | None = None
         self._restored = False

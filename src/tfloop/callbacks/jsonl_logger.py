@@ -7,9 +7,12 @@ import os
 import time
 from typing import Any
 
-from tfloop.callbacks._common import check_count, finite_or_none
+from tfloop import _validate
+from tfloop._cadence import EveryNSteps
+from tfloop._logs import COUNTERS, without
+from tfloop.callbacks._common import finite_or_none
 from tfloop.callbacks._logfile import LogFile
-from tfloop.callbacks.base import Callback, Logs, _updates
+from tfloop.callbacks.base import Callback, Logs, update_count
 
 __all__ = ["JSONLLogger"]
 
@@ -55,9 +58,10 @@ class JSONLLogger(Callback):
         every_n_steps: int | None = None,
         append: bool = False,
     ) -> None:
-        if every_n_steps is not None:
-            every_n_steps = check_count(every_n_steps, "every_n_steps", "JSONLLogger", 1)
-        self.every_n_steps = every_n_steps
+        self.every_n_steps = _validate.optional_count(
+            every_n_steps, "every_n_steps", owner="JSONLLogger"
+        )
+        self._every = EveryNSteps(self.every_n_steps) if self.every_n_steps else None
         self._file = LogFile(path, append=append)
         self._epoch = 0
         self._last_step: int | None = None
@@ -73,20 +77,19 @@ class JSONLLogger(Callback):
         self._epoch = epoch
 
     def on_train_batch_end(self, batch: int, logs: Logs) -> None:
-        if self.every_n_steps is None:
+        if self._every is None:
             return
         step = int(logs.get("step", 0))
-        last = self._last_step or 0
-        if step // self.every_n_steps > last // self.every_n_steps:
+        if self._every.crossed(self._last_step or 0, step):
             record = {"event": "step", "epoch": self._epoch, "batch": batch}
-            self._write({**record, **_without(logs, "step", "batch")}, step)
+            self._write({**record, **without(logs, COUNTERS)}, step)
         self._last_step = step
 
     def on_epoch_end(self, epoch: int, logs: Logs) -> None:
         self._write({"event": "epoch", "epoch": epoch, **logs}, self._current_step(0))
 
     def on_eval_end(self, logs: Logs) -> None:
-        if self.trainer is not None and not getattr(self.trainer, "_in_fit", False):
+        if self.trainer is not None and not self.trainer.run_info.in_fit:
             self._write({"event": "evaluate", **logs}, self._current_step(0))
             self._file.close()
 
@@ -96,7 +99,7 @@ class JSONLLogger(Callback):
 
     def _current_step(self, default: int) -> int:
         if self.trainer is not None:
-            return _updates(self.trainer)
+            return update_count(self.trainer)
         return default
 
     def _write(self, record: dict[str, Any], step: int) -> None:
@@ -112,7 +115,3 @@ class JSONLLogger(Callback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._file.roll_back_to(int(state["offset"]))
-
-
-def _without(logs: Logs, *names: str) -> dict[str, Any]:
-    return {name: value for name, value in logs.items() if name not in names}

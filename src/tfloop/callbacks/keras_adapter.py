@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import keras
 import numpy as np
 
+from tfloop._logs import COUNTERS, without
 from tfloop.callbacks._common import restore_weights, snapshot_weights
-from tfloop.callbacks.base import Callback, Logs
+from tfloop.callbacks.base import Callback, Logs, TrainerView
 from tfloop.errors import ConfigError
 
-if TYPE_CHECKING:
-    from tfloop.trainer import Trainer
-
 __all__ = ["KerasCallbacks"]
-
-_COUNTERS = ("step", "batch")
 
 # The counters of stock callbacks that a resumed run needs (their on_train_begin resets them).
 _RESUMABLE: dict[type, tuple[str, ...]] = {
@@ -72,7 +68,7 @@ class KerasCallbacks(Callback):
         self._pending: list[dict[str, Any]] | None = None
         self._first_batch = 0
 
-    def set_trainer(self, trainer: Trainer) -> None:
+    def set_trainer(self, trainer: TrainerView) -> None:
         super().set_trainer(trainer)
         view = _ModelView(trainer)
         for callback in self.callbacks:
@@ -85,8 +81,8 @@ class KerasCallbacks(Callback):
     def on_fit_start(self, logs: Logs) -> None:
         trainer = self.trainer
         params = {
-            "epochs": getattr(trainer, "_epochs", None),
-            "steps": getattr(trainer, "_steps_per_epoch", None),
+            "epochs": trainer.run_info.epochs if trainer else None,
+            "steps": trainer.run_info.steps_per_epoch if trainer else None,
             "verbose": 1,  # read only by ProgbarLogger, which is there to print
         }
         self._each("set_params", params)
@@ -107,7 +103,7 @@ class KerasCallbacks(Callback):
     def on_train_batch_end(self, batch: int, logs: Logs) -> None:
         # Keras's batch logs hold only metrics: ``step`` and ``batch`` would, for example,
         # override the batch number ModelCheckpoint formats into its file name.
-        metrics = {name: value for name, value in logs.items() if name not in _COUNTERS}
+        metrics = without(logs, COUNTERS)
         self._each("on_train_batch_begin", self._first_batch)
         self._each("on_train_batch_end", batch, metrics)
         logs.update(metrics)
@@ -143,7 +139,7 @@ class KerasCallbacks(Callback):
 class _ModelView:
     """The model as Keras callbacks see it: the Trainer's optimizer, metrics and stop flag."""
 
-    def __init__(self, trainer: Trainer) -> None:
+    def __init__(self, trainer: TrainerView) -> None:
         object.__setattr__(self, "_trainer", trainer)
 
     @property
@@ -165,7 +161,8 @@ class _ModelView:
             from keras.src.trainers.compile_utils import MetricsList
         except ImportError:  # pragma: no cover - Keras moved it
             return list(self._trainer.metrics)
-        return [self._trainer.loss_tracker, MetricsList(list(self._trainer.compiled_metrics))]
+        first, *others = self._trainer.metrics
+        return [first, MetricsList(others)]
 
     def get_weights(self) -> list[np.ndarray]:
         return snapshot_weights(self._trainer.model)

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import keras
 import numpy as np
 
 from tfloop.callbacks._common import has_schedule, learning_rate_of
-from tfloop.callbacks.base import Callback, Logs
+from tfloop.callbacks.base import Callback, Logs, TrainerView
 from tfloop.errors import ConfigError
-
-if TYPE_CHECKING:
-    from tfloop.trainer import Trainer
 
 __all__ = ["LearningRateScheduler"]
 
@@ -66,7 +63,7 @@ class LearningRateScheduler(Callback):
                 f"float or a keras LearningRateSchedule, got {schedule!r}."
             )
 
-    def set_trainer(self, trainer: Trainer) -> None:
+    def set_trainer(self, trainer: TrainerView) -> None:
         super().set_trainer(trainer)
         # Installed before the training loop is traced, which reads the optimizer's rate.
         optimizer = trainer.optimizer

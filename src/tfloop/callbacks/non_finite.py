@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
-from tfloop.callbacks.base import Callback, Logs, _updates
+from tfloop._logs import NON_FINITE_STEPS, STEP
+from tfloop.callbacks.base import Callback, Logs, update_count
 from tfloop.errors import ConfigError, NonFiniteError
-
-if TYPE_CHECKING:
-    from tfloop.trainer import Trainer
 
 __all__ = ["NonFiniteGuard", "TerminateOnNaN"]
 
@@ -37,7 +35,9 @@ class NonFiniteGuard(Callback):
     - ``"ignore"``: nothing is checked (the fastest; NaN gradients reach the weights).
 
     The check runs inside the compiled step (a ``tf.cond`` around the update), so it costs no
-    host sync; the guard reads the count with the logs. Use one guard per Trainer.
+    host sync; the guard reads the count with the logs. The guard sets the Trainer's
+    ``non_finite`` policy when the Trainer is made (``Trainer(non_finite=...)`` is the same
+    without the guard's messages); use one guard per Trainer.
 
     Args:
         policy: ``"raise"``, ``"skip"`` or ``"ignore"``.
@@ -65,30 +65,20 @@ class NonFiniteGuard(Callback):
         self._seen = 0
         self._last_step = 0
 
-    def _in_graph_policy(self) -> Policy:
+    @property
+    def graph_policy(self) -> Policy:
+        """The Trainer's ``non_finite`` policy this guard asks for (what the step does)."""
         return self.policy
-
-    def set_trainer(self, trainer: Trainer) -> None:
-        super().set_trainer(trainer)
-        mine = self._in_graph_policy()
-        for other in getattr(trainer, "callbacks", ()):
-            if isinstance(other, NonFiniteGuard) and other._in_graph_policy() != mine:
-                raise ConfigError(
-                    f"callbacks: {type(self).__name__} and {type(other).__name__} ask for "
-                    "different non-finite policies; keep one of them."
-                )
-        # Read when the training loop is traced, which happens after this.
-        trainer.non_finite = mine
 
     def on_fit_start(self, logs: Logs) -> None:
         trainer = self.trainer
         self.skipped = 0
-        self._seen = int(trainer._non_finite_steps.numpy()) if trainer is not None else 0
-        self._last_step = _updates(trainer) if trainer is not None else 0
+        self._seen = trainer.non_finite_steps if trainer is not None else 0
+        self._last_step = update_count(trainer) if trainer is not None else 0
 
     def on_train_batch_end(self, batch: int, logs: Logs) -> None:
-        count = int(logs.get("non_finite_steps", self._seen))
-        step = int(logs.get("step", self._last_step))
+        count = int(logs.get(NON_FINITE_STEPS, self._seen))
+        step = int(logs.get(STEP, self._last_step))
         if count > self._seen:
             where, tensor = self._locate(step)
             first = self.skipped == 0
@@ -100,10 +90,9 @@ class NonFiniteGuard(Callback):
     def _locate(self, step: int) -> tuple[int | None, str]:
         """The step and tensor of the first drop, when it is the trainer's first ever."""
         trainer = self.trainer
-        first_step = getattr(trainer, "first_non_finite_step", -1)
-        if self._seen == 0 and first_step >= 0 and trainer is not None:
-            return first_step, _tensor_name(trainer)
-        return None, "loss or gradients"
+        if trainer is None or self._seen != 0 or trainer.first_non_finite_step < 0:
+            return None, "loss or gradients"
+        return trainer.first_non_finite_step, trainer.first_non_finite_tensor
 
     def _describe(self, where: int | None, tensor: str, step: int) -> str:
         if where is not None:
@@ -152,7 +141,8 @@ class TerminateOnNaN(NonFiniteGuard):
         super().__init__("raise" if raise_error else "skip")
         self.raise_error = bool(raise_error)
 
-    def _in_graph_policy(self) -> Policy:
+    @property
+    def graph_policy(self) -> Policy:
         return "skip"
 
     def on_train_batch_end(self, batch: int, logs: Logs) -> None:
@@ -173,15 +163,3 @@ class TerminateOnNaN(NonFiniteGuard):
         logger.warning("tfloop: %s; terminating training.", self._describe(where, tensor, step))
         if self.trainer is not None:
             self.trainer.stop_training = True
-
-
-def _tensor_name(trainer: Trainer) -> str:
-    variable = getattr(trainer, "_first_non_finite_tensor", None)
-    index = int(variable.numpy()) if variable is not None else -1
-    if index == 0:
-        return "loss"
-    variables = trainer.trainable_variables
-    if 1 <= index <= len(variables):
-        chosen = variables[index - 1]
-        return f"gradient of {getattr(chosen, 'path', None) or chosen.name}"
-    return "loss or gradients"

@@ -8,16 +8,10 @@ from typing import IO, Any
 
 from tqdm.auto import tqdm
 
+from tfloop._logs import format_logs
 from tfloop.callbacks.base import Callback, Logs
 
 __all__ = ["ProgressBar"]
-
-
-def format_logs(logs: Logs) -> str:
-    """``"loss: 0.1234 - accuracy: 0.9500"``, skipping the ``step`` and ``batch`` counters."""
-    return " - ".join(
-        f"{name}: {value:.4f}" for name, value in logs.items() if name not in ("step", "batch")
-    )
 
 
 class ProgressBar(Callback):
@@ -53,10 +47,10 @@ class ProgressBar(Callback):
         return bool(isatty and isatty())
 
     def _steps(self) -> int | None:
-        return getattr(self.trainer, "_steps_per_epoch", None) if self.trainer else None
+        return self.trainer.run_info.steps_per_epoch if self.trainer else None
 
     def on_fit_start(self, logs: Logs) -> None:
-        self._epochs = getattr(self.trainer, "_epochs", None)
+        self._epochs = self.trainer.run_info.epochs if self.trainer else None
 
     def on_epoch_start(self, epoch: int, logs: Logs) -> None:
         self._start = self._last_line = time.perf_counter()
@@ -92,7 +86,7 @@ class ProgressBar(Callback):
         self._write(f"{label} - {elapsed:.1f}s - {format_logs(logs)}")
 
     def on_eval_end(self, logs: Logs) -> None:
-        if self.trainer is not None and getattr(self.trainer, "_in_fit", False):
+        if self.trainer is not None and self.trainer.run_info.in_fit:
             return  # validation results are part of the epoch line
         self._write(f"evaluate - {format_logs(logs)}")
 

@@ -7,12 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from tfloop.callbacks._common import (
-    check_count,
-    check_number,
-    has_schedule,
-    learning_rate_of,
-)
+from tfloop import _validate
+from tfloop.callbacks._common import has_schedule, learning_rate_of
 from tfloop.callbacks._monitor import Monitor
 from tfloop.callbacks.base import Callback, Logs
 from tfloop.errors import ConfigError
@@ -65,14 +61,14 @@ class ReduceLROnPlateau(Callback):
         verbose: int = 0,
     ) -> None:
         owner = "ReduceLROnPlateau"
-        factor = check_number(factor, "factor", owner)
+        factor = _validate.number(factor, "factor", owner=owner)
         if not 0.0 < factor < 1.0:
             raise ConfigError(f"{owner}: factor must be between 0 and 1 (exclusive), got {factor}.")
         self.monitor = Monitor(owner, monitor, mode, min_delta)
         self.factor = factor
-        self.patience = check_count(patience, "patience", owner)
-        self.cooldown = check_count(cooldown, "cooldown", owner)
-        self.min_lr = check_number(min_lr, "min_lr", owner)
+        self.patience = _validate.count(patience, "patience", owner=owner)
+        self.cooldown = _validate.count(cooldown, "cooldown", owner=owner)
+        self.min_lr = _validate.number(min_lr, "min_lr", owner=owner)
         self.verbose = verbose
         self._restored = False
         self._reset()

@@ -6,14 +6,15 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from tfloop.callbacks._common import check_count, learning_rate_of
-from tfloop.callbacks.base import Callback, Logs, _updates
+from tfloop import _validate
+from tfloop._cadence import EveryNSteps
+from tfloop._logs import COUNTERS, without
+from tfloop.callbacks._common import learning_rate_of
+from tfloop.callbacks.base import Callback, Logs, update_count
 from tfloop.callbacks.throughput import Throughput
 from tfloop.errors import ConfigError
 
 __all__ = ["TensorBoard"]
-
-_INTERNAL = ("step", "batch")
 
 
 def _require_tensorboard() -> None:
@@ -58,9 +59,10 @@ class TensorBoard(Callback):
     ) -> None:
         _require_tensorboard()
         if update_freq != "epoch":
-            update_freq = check_count(update_freq, "update_freq", "TensorBoard", 1)
+            update_freq = _validate.count(update_freq, "update_freq", 1, owner="TensorBoard")
         self.log_dir = Path(log_dir)
         self.update_freq = update_freq
+        self._every = EveryNSteps(update_freq) if update_freq != "epoch" else None
         self._throughput = Throughput() if throughput else None
         self._writers: dict[str, Any] = {}
         self._last_step = 0
@@ -89,7 +91,7 @@ class TensorBoard(Callback):
     def on_fit_start(self, logs: Logs) -> None:
         if self._throughput is not None and self.trainer is not None:
             self._throughput.set_trainer(self.trainer)
-        self._last_step = _updates(self.trainer) if self.trainer else 0
+        self._last_step = update_count(self.trainer) if self.trainer else 0
 
     def on_epoch_start(self, epoch: int, logs: Logs) -> None:
         if self._throughput is not None:
@@ -101,11 +103,11 @@ class TensorBoard(Callback):
             self._throughput.on_train_batch_end(batch, rates)
         step = int(logs.get("step", 0))
         last, self._last_step = self._last_step, step
-        if self.update_freq == "epoch" or step // self.update_freq <= last // self.update_freq:
+        if self._every is None or not self._every.crossed(last, step):
             return
-        values = {name: value for name, value in logs.items() if name not in _INTERNAL}
+        values = without(logs, COUNTERS)
         values.update(self._extras(logs))
-        values.update({k: v for k, v in rates.items() if k not in logs and k not in _INTERNAL})
+        values.update({k: v for k, v in without(rates, COUNTERS).items() if k not in logs})
         self._scalars("train", {f"batch_{k}": v for k, v in values.items()}, step)
 
     def on_epoch_end(self, epoch: int, logs: Logs) -> None:
@@ -123,9 +125,9 @@ class TensorBoard(Callback):
             writer.flush()
 
     def on_eval_end(self, logs: Logs) -> None:
-        if self.trainer is None or getattr(self.trainer, "_in_fit", False):
+        if self.trainer is None or self.trainer.run_info.in_fit:
             return
-        step = _updates(self.trainer)
+        step = update_count(self.trainer)
         values = {f"evaluation_{k}_vs_iterations": v for k, v in logs.items()}
         self._scalars("validation", values, step)
         self.close()

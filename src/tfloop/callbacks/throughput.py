@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from tfloop.callbacks.base import Callback, Logs, _updates
+from tfloop.callbacks.base import Callback, Logs, update_count
 
 __all__ = ["Throughput"]
 
@@ -56,7 +56,7 @@ class Throughput(Callback):
         return float(np.asarray(getattr(tracker, "count", 0.0))) if tracker is not None else 0.0
 
     def on_epoch_start(self, epoch: int, logs: Logs) -> None:
-        steps = _updates(self.trainer) if self.trainer is not None else 0
+        steps = update_count(self.trainer) if self.trainer is not None else 0
         # A resumed epoch's tracker already holds the examples run before the checkpoint.
         self._start = self._last = (self.clock(), self._samples(), steps)
 

@@ -1,0 +1,136 @@
+"""The dry run: the model and the loss run once, eagerly, on one batch, before any tracing.
+
+A shape or dtype that does not fit surfaces here as a :class:`~tfloop.errors.DataError` naming
+the argument and the fix, not as a graph stack trace from inside the compiled loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import tensorflow as tf
+
+from tfloop import _seeds
+from tfloop._validate import describe_tensors, first_line
+from tfloop.data import unpack_batch
+from tfloop.errors import ConfigError, DataError
+
+__all__ = [
+    "DryRun",
+    "batch_signature",
+    "check_can_train",
+    "check_loss",
+    "check_model_accepts",
+]
+
+Nested = Any
+
+
+def check_can_train(
+    loss: Any, trainable_variables: list[Any], *, overrides_loss: bool, overrides_step: bool
+) -> None:
+    """A ConfigError if ``fit`` has no loss to minimise or no variable to train."""
+    if loss is None and not (overrides_loss or overrides_step):
+        raise ConfigError(
+            "loss is None: pass Trainer(loss=...) (e.g. 'mse') or override compute_loss."
+        )
+    if not trainable_variables and not overrides_step:
+        raise ConfigError(
+            "model has no trainable variables, so there is nothing to train; build the "
+            "model (or unfreeze its layers) before fit."
+        )
+
+
+class DryRun:
+    """The dry run of each new input signature (structure, shapes, dtypes) against a model
+    and loss: a second ``fit``, or one ``fit`` per epoch, does not repeat it."""
+
+    def __init__(
+        self,
+        model: Any,
+        compiled: Any,
+        predict_step: Callable[[Nested], Nested],
+        compute_loss: Callable[..., Any],
+        reset_metrics: Callable[[], None],
+        seed: int | None,
+    ) -> None:
+        self.model = model
+        self.compiled = compiled  # the Trainer's LossAndMetrics
+        self.predict_step = predict_step
+        self.compute_loss = compute_loss
+        self.reset_metrics = reset_metrics
+        self.seed = seed
+        self._validated: set[Any] = set()
+
+    def check(self, batch: Nested, *, overrides_loss: bool, checks_loss: bool) -> None:
+        """Runs the model (and resolves the metrics) and the loss on ``batch``; the metrics
+        are reset afterwards, as the dry run updated them."""
+        model, compiled = self.model, self.compiled
+        signature = (id(model), id(compiled.loss), *batch_signature(batch))
+        if signature in self._validated:
+            self.reset_metrics()
+            return
+        _, y, _ = unpack_batch(batch)
+        try:
+            if not overrides_loss or compiled.specs:
+                _seeds.seed_unbuilt_model(model, self.seed)
+                compiled.build(y, check_model_accepts(self.predict_step, batch, model))
+            if y is None and not overrides_loss and checks_loss:
+                raise DataError(
+                    "data has no targets: pass (x, y) or a dataset of (x, y) tuples (or "
+                    "override compute_loss for a loss without targets)."
+                )
+            if checks_loss:
+                check_loss(self.compute_loss, batch)
+        finally:
+            self.reset_metrics()
+        self._validated.add(signature)
+
+
+def check_model_accepts(
+    predict_step: Callable[[Nested], Nested], batch: Nested, model: Any, argument: str = "data"
+) -> Nested:
+    """Runs ``predict_step(batch)`` eagerly; a failure is a DataError about ``x``."""
+    x, _, _ = unpack_batch(batch)
+    try:
+        return predict_step(batch)
+    except Exception as error:
+        raise DataError(
+            f"{argument}: the model cannot take x {describe_tensors(x)}{_expected_input(model)}: "
+            f"{first_line(error, 400)}. Reshape or cast x to the model's input, or change the "
+            "model's Input. If the data is an unbatched dataset, call .batch(batch_size) on it."
+        ) from error
+
+
+def check_loss(compute_loss: Callable[..., Any], batch: Nested, argument: str = "data") -> None:
+    """Runs ``compute_loss(batch, training=False)`` eagerly; a failure is a DataError about
+    ``y`` (tfloop's own errors pass through)."""
+    _, y, _ = unpack_batch(batch)
+    try:
+        compute_loss(batch, training=False)
+    except (ConfigError, DataError):
+        raise
+    except Exception as error:
+        raise DataError(
+            f"{argument}: the loss cannot be computed for y {describe_tensors(y)}: "
+            f"{first_line(error, 400)}. Check that y matches the model's output and the loss "
+            "(e.g. one-hot labels for categorical_crossentropy, integer labels for "
+            "sparse_categorical_crossentropy)."
+        ) from error
+
+
+def batch_signature(batch: Nested) -> tuple[Any, ...]:
+    """The structure, shapes and dtypes of a batch: a dry run is not repeated for the same."""
+    return (
+        repr(tf.nest.map_structure(lambda _: 0, batch)),
+        tuple((tuple(t.shape), t.dtype.name) for t in tf.nest.flatten(batch)),
+    )
+
+
+def _expected_input(model: Any) -> str:
+    try:
+        shape = model.input_shape
+    except (AttributeError, ValueError, RuntimeError):
+        return ""
+    return f" (the model expects {shape})"

@@ -1,0 +1,131 @@
+"""Batched ``tf.data`` datasets as superbatches."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from tfloop.data._source import DataSource, Piece, StepStream, pad_steps
+from tfloop.errors import DataError
+
+__all__ = ["DatasetSource"]
+
+Nested = Any
+DEFAULT_BATCH_SIZE = 32
+
+
+class DatasetSource(DataSource):
+    def __init__(self, dataset: tf.data.Dataset, steps_per_execution: int, argument: str) -> None:
+        self.dataset = dataset
+        self.argument = argument
+        self.steps_per_execution = steps_per_execution
+        cardinality = int(dataset.cardinality())
+        if cardinality == 0:
+            raise DataError(f"{argument} is an empty tf.data.Dataset (0 batches).")
+        self.infinite = cardinality == tf.data.INFINITE_CARDINALITY
+        self.steps_per_epoch = cardinality if cardinality > 0 else None
+        self._check_element_spec()
+        leaves = tf.nest.flatten(dataset.element_spec)
+        static_batch = {leaf.shape[0] for leaf in leaves}
+        self.batch_size = static_batch.pop() if len(static_batch) == 1 else None
+        # tf.data draws a new shuffle seed (reshuffle_each_iteration) for every iterator made
+        # from a dataset, in order; restoring an iterator's state sets that sequence to where
+        # it was at the save, plus one. Counting the draws lets a resumed run put the sequence
+        # exactly where an uninterrupted run has it (see Checkpointer).
+        self._iterators_made = 0
+        self.uniform = self.batch_size is not None and all(
+            leaf.shape.is_fully_defined() for leaf in leaves
+        )
+        bytes_per_example = sum(
+            leaf.dtype.size * int(np.prod([d or 1 for d in leaf.shape[1:]])) for leaf in leaves
+        )
+        self.bytes_per_batch = bytes_per_example * (self.batch_size or DEFAULT_BATCH_SIZE)
+
+    def example_batch(self) -> Nested:
+        return tf.nest.map_structure(
+            lambda spec: tf.zeros([d if d is not None else 1 for d in spec.shape], spec.dtype),
+            self.dataset.element_spec,
+        )
+
+    @property
+    def seeds_drawn(self) -> int:
+        return self._iterators_made
+
+    def draw_seeds_until(self, count: int) -> None:
+        """Makes (and drops) iterators until ``count`` shuffle seeds have been drawn."""
+        while self._iterators_made < count:
+            iter(self.dataset)
+            self._iterators_made += 1
+
+    def restored_seeds(self) -> None:
+        """Records the seed that restoring an iterator's state draws."""
+        self._iterators_made += 1
+
+    def _check_element_spec(self) -> None:
+        for leaf in tf.nest.flatten(self.dataset.element_spec):
+            if not isinstance(leaf, tf.TensorSpec):
+                raise DataError(
+                    f"{self.argument} yields a {type(leaf).__name__}; tfloop takes dense "
+                    "tensors. Pad ragged or sparse features (e.g. .padded_batch) first."
+                )
+            if leaf.shape.rank == 0:
+                raise DataError(
+                    f"{self.argument} yields scalars, so it looks unbatched; call "
+                    ".batch(batch_size) on the dataset before passing it."
+                )
+
+    def stream(self, epoch: int, start_step: int = 0) -> StepStream:
+        k = self.steps_per_execution
+        self._iterators_made += 1
+        if self.uniform:
+            iterator = iter(self.dataset.batch(k).prefetch(2))
+            groups: Iterator[list[Piece]] = ([pad_steps(data, k)] for data in iterator)
+        else:
+            # Batches may differ in shape (the last, partial batch; bucketed sequence lengths).
+            # Stack them padded, with each step's true shapes, and cut runs of equal shape back
+            # out on the host: once per superbatch, not per step.
+            def with_shapes(*element: Any) -> Any:
+                element = element[0] if len(element) == 1 else element
+                shapes = tuple(tf.shape(t) for t in tf.nest.flatten(element))
+                return element, shapes
+
+            iterator = iter(self.dataset.map(with_shapes).padded_batch(k).prefetch(2))
+            groups = (split_runs(data, shapes, k) for data, shapes in iterator)
+        stream = StepStream(groups, k, iterator)
+        stream.seeds_at_creation = self._iterators_made
+        if start_step:
+            # Without a saved iterator state the only way back is to skip batches; exact for a
+            # deterministic pipeline, approximate for one that reshuffles per iterator.
+            skipped = 0
+            while skipped < start_step:
+                chunk = stream.next_chunk(start_step - skipped)
+                if chunk is None:
+                    break
+                skipped += chunk[2] - chunk[1]
+        return stream
+
+
+def split_runs(data: Nested, shapes: Any, k: int) -> list[Piece]:
+    rows = np.concatenate([s.numpy() for s in shapes], axis=1)  # one row of shapes per step
+    pieces = []
+    start = 0
+    while start < len(rows):
+        stop = start + 1
+        while stop < len(rows) and np.array_equal(rows[stop], rows[start]):
+            stop += 1
+        run = slice_run(data, start, stop, [s[start].numpy() for s in shapes])
+        pieces.append(pad_steps(run, k))
+        start = stop
+    return pieces
+
+
+def slice_run(data: Nested, start: int, stop: int, shapes: list[np.ndarray]) -> Nested:
+    leaves = tf.nest.flatten(data)
+    cut = [
+        leaf[start:stop][tuple([slice(None)] + [slice(0, int(d)) for d in shape])]
+        for leaf, shape in zip(leaves, shapes, strict=False)
+    ]
+    return tf.nest.pack_sequence_as(data, cut)
