@@ -36,8 +36,8 @@ class KillAt(tfloop.Callback):
         self.seen = 0
 
     def on_train_batch_end(self, batch, logs):
-        epoch_batches = self.trainer._steps_per_epoch
-        done = self.trainer._current_epoch * epoch_batches + batch + 1
+        info = self.trainer.run_info
+        done = info.epoch * info.steps_per_epoch + batch + 1
         if done >= self.after and self.after >= 0:
             self.after = -1
             if self.signum == signal.SIGKILL:

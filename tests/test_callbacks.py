@@ -158,11 +158,15 @@ class FakeKerasModel:
         self.stop_training = False
         self.metrics = []
         self.optimizer = keras.optimizers.SGD(learning_rate)
+        self.run_info = tfloop.callbacks.RunInfo()
 
 
 def fake_trainer(learning_rate=1.0):
     return types.SimpleNamespace(
-        stop_training=False, metrics=[], optimizer=keras.optimizers.SGD(learning_rate)
+        stop_training=False,
+        metrics=[],
+        optimizer=keras.optimizers.SGD(learning_rate),
+        run_info=tfloop.callbacks.RunInfo(),
     )
 
 
@@ -254,7 +258,9 @@ def test_best_weights_after_a_resume_come_from_epochs_after_it(caplog):
     def resume(losses):
         stopper = EarlyStopping("loss", patience=5, restore_best_weights=True)
         stopper.load_state_dict(state)
-        stopper.trainer = types.SimpleNamespace(model=model, stop_training=False, metrics=[])
+        stopper.trainer = types.SimpleNamespace(
+            model=model, stop_training=False, metrics=[], run_info=tfloop.callbacks.RunInfo()
+        )
         stopper.on_fit_start({})
         snapshots = []
         for epoch, loss in enumerate(losses, start=2):
@@ -722,9 +728,9 @@ def test_terminate_on_nan_stops_at_the_execution_and_keeps_weights_finite(caplog
 def test_non_finite_policies_are_checked():
     with pytest.raises(ConfigError, match="policy"):
         NonFiniteGuard("warn")
-    trainer = trainer_for(NonFiniteGuard("raise"), NonFiniteGuard("ignore"))
+    # The policy is part of what the step traces: the conflict is found at construction.
     with pytest.raises(ConfigError, match="different non-finite policies"):
-        trainer.fit(make_data(8), batch_size=4, verbose=0)
+        trainer_for(NonFiniteGuard("raise"), NonFiniteGuard("ignore"))
 
 
 # -------------------------------------------------------------------------------- Throughput

@@ -360,7 +360,7 @@ def test_a_background_write_saves_the_state_of_the_save_step(tmp_path, monkeypat
 def test_fit_returns_only_after_the_background_write_is_complete(tmp_path, monkeypatch):
     slow_writes(monkeypatch)
     trainer = fit(tmp_path, epochs=1, every_epoch=False)  # saves at updates 2, 4 and 6
-    assert trainer.checkpoint._writer is None
+    assert not trainer.checkpoint.writing
     assert Path(tf.train.latest_checkpoint(str(tmp_path))).name == "ckpt-6"
     assert (tmp_path / "ckpt-6.index").exists() and not list(tmp_path.glob("*_temp*"))
 
@@ -379,7 +379,7 @@ def test_fit_that_raises_still_completes_the_pending_write(tmp_path, monkeypatch
     )
     with pytest.raises(Crash):
         trainer.fit(make_data(48), epochs=1, batch_size=8, verbose=0)
-    assert checkpointer._writer is None
+    assert not checkpointer.writing
     assert Path(tf.train.latest_checkpoint(str(tmp_path))).name == "ckpt-2"
 
 
@@ -525,7 +525,7 @@ def test_compiled_writes_are_the_managers_own_checkpoints(tmp_path, data, async_
     )
     batch_size = None if data == "dataset" else 4
     trainer.fit(source, epochs=2, batch_size=batch_size, verbose=0)  # 15 micro-batches an epoch
-    assert checkpointer._plan is not None and checkpointer._plan[1].compiled
+    assert checkpointer.writer is not None and checkpointer.writer.compiled
     # 8 updates an epoch (the last window is partial); the epoch end saves update 8 again
     assert [Path(fast).name for fast, _ in slow.pairs] == [
         f"ckpt-{step}" for step in (2, 4, 6, 8, 8, 10, 12, 14, 16, 16)
@@ -563,14 +563,14 @@ def test_a_dataset_iterator_is_saved_by_the_compiled_write(tmp_path, monkeypatch
         checkpoint=checkpointer,
     )
     trainer.fit(dataset, epochs=1, verbose=0)  # 6 batches: saves at updates 2, 4 and 6
-    assert manager_saves == [] and checkpointer._plan[1].compiled
+    assert manager_saves == [] and checkpointer.writer.compiled
     keys = dict(tf.train.list_variables(str(tmp_path / "ckpt-2")))
     assert "data/iterator/.ATTRIBUTES/ITERATOR_STATE" in keys
 
 
 def managers_way(monkeypatch):
     """Makes every save TF's own ``CheckpointManager.save`` (fed the snapshot when async)."""
-    monkeypatch.setattr(tfloop.Checkpointer, "_compile", lambda *args: False)
+    monkeypatch.setattr(tfloop.checkpoint.FastWriter, "_compile", lambda *args: False)
 
 
 def index_state(directory):
@@ -592,10 +592,10 @@ def test_compiled_writes_keep_max_to_keep_and_the_index_as_the_manager(
     fast = run(tmp_path / "fast")
     managers_way(monkeypatch)
     slow = run(tmp_path / "slow")
-    assert fast._plan[1].compiled and not slow._plan[1].compiled
+    assert fast.writer.compiled and not slow.writer.compiled
     expected = [str(tmp_path / "fast" / f"ckpt-{step}") for step in (16, 17, 18)]
     assert index_state(tmp_path / "fast") == (expected[-1], expected)
-    assert fast._manager.checkpoints == expected
+    assert fast.checkpoints == expected
     assert tf.train.latest_checkpoint(str(tmp_path / "fast")) == expected[-1]
     names = sorted(path.name for path in (tmp_path / "fast").iterdir())
     assert names == sorted(path.name for path in (tmp_path / "slow").iterdir())

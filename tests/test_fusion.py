@@ -133,16 +133,17 @@ def test_fused_evaluate_and_predict_equal_unfused(n, batch_size, steps):
 
 
 def test_fit_per_epoch_equals_one_multi_epoch_fit_and_reuses_read_only_arrays(monkeypatch):
-    from tfloop import data as data_lib
+    from tfloop import _checks
+    from tfloop.data._cache import TENSORS
 
     x, y = make_data(61)
     whole, whole_weights, _ = train(x, y, steps=3, jit=False, batch_size=8, epochs=3)
     dry_runs = []
-    original = tfloop.Trainer._check_model_accepts
+    original = _checks.check_model_accepts
     monkeypatch.setattr(
-        tfloop.Trainer,
-        "_check_model_accepts",
-        lambda self, batch: dry_runs.append(1) or original(self, batch),
+        _checks,
+        "check_model_accepts",
+        lambda *args: dry_runs.append(1) or original(*args),
     )
     for read_only in (False, True):
         xs, ys = x.copy(), y.copy()
@@ -164,8 +165,8 @@ def test_fit_per_epoch_equals_one_multi_epoch_fit_and_reuses_read_only_arrays(mo
             trainer.fit((xs, ys), epochs=epoch + 1, initial_epoch=epoch, batch_size=8, verbose=0)
         assert_weights_equal(whole_weights, weights_of(model))
         assert len(dry_runs) == 1  # the same input signature is checked once per trainer
-        tensor = data_lib._TENSORS.convert(xs)
-        assert (tensor is data_lib._TENSORS.convert(xs)) is read_only
+        tensor = TENSORS.convert(xs)
+        assert (tensor is TENSORS.convert(xs)) is read_only
     assert int(whole.optimizer.iterations) == 3 * 8
 
 

@@ -325,13 +325,14 @@ def test_non_finite_gradients_are_dropped_in_graph_and_counted(policy):
     x, y = make_data(40)
     x[:, 0] = np.abs(x[:, 0])
     x[[8, 24], 0] = -1.0  # batches 2 and 6 (of 4 examples) give NaN
-    trainer = NaNAfter(make_model(), "sgd", "categorical_crossentropy", steps_per_execution=3)
-    trainer.non_finite = policy
+    trainer = NaNAfter(
+        make_model(), "sgd", "categorical_crossentropy", steps_per_execution=3, non_finite=policy
+    )
     history = trainer.fit((x, y), epochs=1, batch_size=4, shuffle=False, verbose=0)
     assert all(np.isfinite(w).all() for w in weights_of(trainer.model))
     assert int(trainer.optimizer.iterations) == 8
     assert trainer.first_non_finite_step == 2
-    assert int(trainer._non_finite_steps) == 2
+    assert trainer.non_finite_steps == 2
     assert np.isfinite(history.history["loss"][0])
 
 
