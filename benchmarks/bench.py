@@ -62,6 +62,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="samples per epoch instead of the workload's own (e.g. a shorter wide-mlp run); "
         "rounded down to whole batches",
     )
+    parser.add_argument(
+        "--contenders",
+        nargs="+",
+        metavar="NAME",
+        help="run only these contenders of each workload (default: all of them); a ratio is "
+        "reported when both of its sides ran",
+    )
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument(
         "--rss",
@@ -223,6 +230,7 @@ def run_and_report(
         search_epochs=args.search_epochs,
         seed=SEED,
         log=log,
+        only=args.contenders,
     )
     rss = measure_rss(args, run) if args.rss else {}
     figs = figures(run, rss)

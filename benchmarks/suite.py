@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -197,8 +197,10 @@ def run_workload(
     search_epochs: int,
     seed: int,
     log: Log,
+    only: Sequence[str] | None = None,
 ) -> WorkloadRun:
-    """Prepare every contender of ``workload``, then time ``reps`` interleaved repetitions."""
+    """Prepare every contender of ``workload`` (or those in ``only``), then time ``reps``
+    interleaved repetitions."""
     run = WorkloadRun(workload, num_samples)
     timer = _Timer(run, log)
     x, y = workload.make_data(num_samples, seed)
@@ -210,6 +212,8 @@ def run_workload(
             f"{sum(run.batch_shapes.values()):,} batches"
         )
     names = (*workload.contenders, PEAK) if workload.peak_matmul else workload.contenders
+    if only:
+        names = tuple(name for name in names if name in only)
     for name in names:
         prepared = _prepare(CONTENDERS[name], setup, timer, search_epochs)
         if prepared is not None:
