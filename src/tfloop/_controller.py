@@ -189,7 +189,7 @@ class Controller:
                 if self._stopping() and self._preempted():
                     break
                 epoch = self.epoch
-                if plan.validation is not None and (epoch + 1) % plan.validation_freq == 0:
+                if plan.validation is not None and plan.validates_after(epoch):
                     results = hooks.evaluate(plan.validation, self.callbacks)
                     logs.update({f"val_{name}": value for name, value in results.items()})
                 self.callbacks.on_epoch_end(epoch, logs)
