@@ -20,8 +20,10 @@ __all__ = [
     "DryRun",
     "batch_signature",
     "check_can_train",
+    "check_gradients",
     "check_loss",
     "check_model_accepts",
+    "check_scalar_loss",
 ]
 
 Nested = Any
@@ -108,7 +110,7 @@ def check_loss(compute_loss: Callable[..., Any], batch: Nested, argument: str = 
     ``y`` (tfloop's own errors pass through)."""
     _, y, _ = unpack_batch(batch)
     try:
-        compute_loss(batch, training=False)
+        loss = compute_loss(batch, training=False)
     except (ConfigError, DataError):
         raise
     except Exception as error:
@@ -118,6 +120,35 @@ def check_loss(compute_loss: Callable[..., Any], batch: Nested, argument: str = 
             "(e.g. one-hot labels for categorical_crossentropy, integer labels for "
             "sparse_categorical_crossentropy)."
         ) from error
+    check_scalar_loss(loss)
+
+
+def check_scalar_loss(loss: Any, method: str = "compute_loss") -> None:
+    """A ConfigError unless ``loss`` is a scalar tensor: the mean loss of the batch.
+
+    A vector of per-example losses would make the gradient their *sum*, so each update
+    would be batch-size times too large while the logged loss looked normal.
+    """
+    if loss is None or not tf.is_tensor(loss):
+        raise ConfigError(
+            f"{method} returned {loss!r}; it must return the batch's mean loss as a scalar "
+            "tensor (e.g. tf.reduce_mean(per_example_losses))."
+        )
+    if loss.shape.rank != 0:
+        raise ConfigError(
+            f"{method} returned a tensor of shape {loss.shape}; it must return the batch's "
+            "*mean* loss, a scalar: reduce it with tf.reduce_mean (a vector's gradient is "
+            "the sum over the batch, so every update would be batch-size times too large)."
+        )
+
+
+def check_gradients(gradients: list[Any], variables: list[Any], method: str) -> None:
+    """A ConfigError (at trace time) when no gradient reaches a trainable variable."""
+    if variables and all(g is None for g in gradients):
+        raise ConfigError(
+            f"the loss of {method} does not depend on any trainable variable (every gradient "
+            "is None): compute it from the model's outputs, inside the GradientTape."
+        )
 
 
 def batch_signature(batch: Nested) -> tuple[Any, ...]:

@@ -32,7 +32,7 @@ import tensorflow as tf
 from tfloop import _distribute
 from tfloop._autograph import user_code
 from tfloop._validate import first_line
-from tfloop.errors import WorkerError
+from tfloop.errors import TfloopError, WorkerError
 
 __all__ = ["CompiledLoop", "LoopSpec", "UpdateWindow"]
 
@@ -121,6 +121,19 @@ class CompiledLoop:
         return self.spec.kind
 
     def __call__(self, superbatch: Nested, start: int, stop: int, *extra: int) -> Any:
+        try:
+            return self._run(superbatch, start, stop, *extra)
+        except TfloopError:
+            raise
+        except Exception as error:
+            # A tfloop error raised while tracing a step (a check of what a step method
+            # returned) reaches here wrapped by AutoGraph: raise it as it was.
+            original = _tfloop_error(error)
+            if original is None:
+                raise
+            raise original from None
+
+    def _run(self, superbatch: Nested, start: int, stop: int, *extra: int) -> Any:
         if self._function is None:
             self._function = _build(self.spec, self.jit)
         bounds = (tf.constant(start, tf.int32), tf.constant(stop, tf.int32))
@@ -201,6 +214,18 @@ class CompiledLoop:
         if self._function is None or self.spec.eager:
             return 0
         return int(self._function.experimental_get_tracing_count())
+
+
+def _tfloop_error(error: BaseException) -> TfloopError | None:
+    """The tfloop error an exception wraps (AutoGraph keeps it as the context), if any."""
+    seen = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, TfloopError):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def _peer_reason(error: BaseException) -> str:

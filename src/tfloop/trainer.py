@@ -17,7 +17,7 @@ from typing import Any, Literal
 import keras
 import tensorflow as tf
 
-from tfloop import _config, _distribute, _seeds
+from tfloop import _checks, _config, _distribute, _seeds
 from tfloop import data as data_lib
 from tfloop._autograph import user_code
 from tfloop._compile import compile_model
@@ -250,10 +250,12 @@ class Trainer:
         """
         with tf.GradientTape() as tape:
             loss = user_code(self.compute_loss)(batch, training=True)
+            _checks.check_scalar_loss(loss)
             # Mixed precision: a LossScaleOptimizer scales the loss here and unscales the
             # (accumulated) gradient when it applies it, skipping the update on overflow.
             scaled_loss = self.optimizer.scale_loss(loss)
         gradients = tape.gradient(scaled_loss, self.trainable_variables)
+        _checks.check_gradients(gradients, self.trainable_variables, "compute_loss")
         examples = data_lib.batch_size_of(batch)
         user_code(self.apply_gradients)(gradients, weight=examples, loss=loss)
         # A dropped micro-batch does not count in the epoch's mean loss either.

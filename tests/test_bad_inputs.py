@@ -1,0 +1,104 @@
+"""A corpus of bad inputs and faults: each gets a clear tfloop error, early, naming the argument
+and the fix; no weight changes and no checkpoint is lost. Cases that could hang run in a
+subprocess with a timeout."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import make_data, make_model, weights_of
+
+import tfloop
+from tfloop.errors import ConfigError
+
+
+def assert_untouched(trainer: tfloop.Trainer, before: list[np.ndarray]) -> None:
+    for old, new in zip(before, weights_of(trainer.model), strict=True):
+        np.testing.assert_array_equal(old, new)
+    assert int(trainer.optimizer.iterations) == 0
+
+
+class PerExampleLoss(tfloop.Trainer):
+    def compute_loss(self, batch, training):
+        x, y = batch
+        return tf.reduce_sum(tf.square(self.model(x, training=training) - y), axis=-1)
+
+
+class NoneLoss(tfloop.Trainer):
+    def compute_loss(self, batch, training):
+        return None
+
+
+class DetachedLoss(tfloop.Trainer):
+    def compute_loss(self, batch, training):
+        x, _ = batch
+        return tf.reduce_mean(x)  # does not depend on the weights
+
+
+@pytest.mark.parametrize(
+    ("trainer_class", "words"),
+    [
+        (PerExampleLoss, ["compute_loss", "shape", "tf.reduce_mean"]),
+        (NoneLoss, ["compute_loss", "None", "scalar"]),
+        (DetachedLoss, ["compute_loss", "trainable variable"]),
+    ],
+    ids=["per-example-vector", "none", "not-connected"],
+)
+def test_a_compute_loss_override_that_does_not_return_the_mean_loss_is_named(trainer_class, words):
+    trainer = trainer_class(make_model(), "sgd")
+    before = weights_of(trainer.model)
+    with pytest.raises(ConfigError) as info:
+        trainer.fit(make_data(16), batch_size=8, verbose=0)
+    for word in words:
+        assert word in str(info.value)
+    assert_untouched(trainer, before)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "words"),
+    [
+        ({"clip_global_norm": float("inf")}, ["clip_global_norm", "finite"]),
+        ({"callbacks": None}, None),
+        ({"callbacks": tfloop.callbacks.Throughput()}, None),
+        ({"seed": np.int64(3)}, None),
+    ],
+    ids=["clip-inf", "callbacks-none", "one-callback", "numpy-seed"],
+)
+def test_constructor_arguments(arguments, words):
+    if words is None:
+        tfloop.Trainer(make_model(), "sgd", "categorical_crossentropy", **arguments)
+        return
+    with pytest.raises(ConfigError) as info:
+        tfloop.Trainer(make_model(), "sgd", "categorical_crossentropy", **arguments)
+    for word in words:
+        assert word in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "words"),
+    [
+        ({"verbose": "x"}, ["verbose"]),
+        ({"shuffle": "batch"}, ["shuffle"]),
+        ({"initial_epoch": 5, "epochs": 2}, ["initial_epoch", "epochs"]),
+    ],
+    ids=["verbose", "shuffle-batch", "initial-epoch-past-epochs"],
+)
+def test_fit_arguments_that_would_be_misread_are_named(arguments, words):
+    trainer = tfloop.Trainer(make_model(), "sgd", "categorical_crossentropy")
+    before = weights_of(trainer.model)
+    with pytest.raises(ConfigError) as info:
+        trainer.fit(make_data(16), batch_size=8, **arguments)
+    for word in words:
+        assert word in str(info.value)
+    assert_untouched(trainer, before)
+
+
+def test_binary_crossentropy_takes_labels_of_rank_one_as_keras_does():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1, activation="sigmoid")])
+    x = np.random.default_rng(0).random((16, 3)).astype("float32")
+    y = (x[:, 0] > 0.5).astype("float32")  # shape (16,)
+    history = tfloop.Trainer(model, "sgd", "binary_crossentropy").fit(x, y, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
