@@ -11,7 +11,7 @@ import tensorflow as tf
 from conftest import make_data, make_model, weights_of
 
 import tfloop
-from tfloop.errors import ConfigError
+from tfloop.errors import ConfigError, DataError
 
 
 def assert_untouched(trainer: tfloop.Trainer, before: list[np.ndarray]) -> None:
@@ -102,3 +102,22 @@ def test_binary_crossentropy_takes_labels_of_rank_one_as_keras_does():
     y = (x[:, 0] > 0.5).astype("float32")  # shape (16,)
     history = tfloop.Trainer(model, "sgd", "binary_crossentropy").fit(x, y, verbose=0)
     assert np.isfinite(history.history["loss"][0])
+
+
+def test_targets_wider_than_the_output_are_not_silently_broadcast():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    trainer = tfloop.Trainer(model, "sgd", "mse")
+    before = weights_of(model)
+    with pytest.raises(DataError, match=r"y has shape \(8, 5\).*output has \(8, 1\)"):
+        trainer.fit(np.ones((16, 3)), np.ones((16, 5)), batch_size=8, verbose=0)
+    assert_untouched(trainer, before)
+
+
+def test_an_unbuilt_model_trains_evaluates_and_predicts_alike():
+    model = keras.Sequential([keras.layers.Dense(4, activation="relu"), keras.layers.Dense(1)])
+    trainer = tfloop.Trainer(model, "sgd", "mse", seed=0)
+    x, y = np.ones((16, 3), "float32"), np.ones((16, 1), "float32")
+    history = trainer.fit(x, y, batch_size=8, verbose=0)
+    assert model.built and np.isfinite(history.history["loss"][0])
+    assert trainer.predict(x).shape == (16, 1)

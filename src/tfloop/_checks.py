@@ -11,7 +11,6 @@ from typing import Any
 
 import tensorflow as tf
 
-from tfloop import _seeds
 from tfloop._validate import describe_tensors, first_line
 from tfloop.data import unpack_batch
 from tfloop.errors import ConfigError, DataError
@@ -24,6 +23,7 @@ __all__ = [
     "check_loss",
     "check_model_accepts",
     "check_scalar_loss",
+    "check_target_shapes",
 ]
 
 Nested = Any
@@ -76,8 +76,9 @@ class DryRun:
         _, y, _ = unpack_batch(batch)
         try:
             if not overrides_loss or compiled.specs:
-                _seeds.seed_unbuilt_model(model, self.seed)
-                compiled.build(y, check_model_accepts(self.predict_step, batch, model))
+                y_pred = check_model_accepts(self.predict_step, batch, model)
+                check_target_shapes(y, y_pred)
+                compiled.build(y, y_pred)
             if y is None and not overrides_loss and checks_loss:
                 raise DataError(
                     "data has no targets: pass (x, y) or a dataset of (x, y) tuples (or "
@@ -121,6 +122,35 @@ def check_loss(compute_loss: Callable[..., Any], batch: Nested, argument: str = 
             "sparse_categorical_crossentropy)."
         ) from error
     check_scalar_loss(loss)
+
+
+def check_target_shapes(y: Nested, y_pred: Nested, argument: str = "data") -> None:
+    """A DataError when a target is wider than the output it is compared with.
+
+    A loss compares ``y`` and the output element by element, broadcasting where a dimension is
+    1: targets of shape ``(n, 5)`` against an output of ``(n, 1)`` would compare every target
+    column with the one output silently. (The other way, ``(n, 1)`` labels for ``(n, C)``
+    outputs, is how sparse labels look, and is left to the loss.)
+    """
+    if y is None or y_pred is None:
+        return
+    try:
+        tf.nest.assert_same_structure(y, y_pred)
+    except (ValueError, TypeError):
+        return  # a loss dict or a custom structure: the loss matches them
+    for target, output in zip(tf.nest.flatten(y), tf.nest.flatten(y_pred), strict=True):
+        target_shape, output_shape = tuple(target.shape), tuple(output.shape)
+        if len(target_shape) != len(output_shape):
+            continue
+        if any(
+            t is not None and t > 1 and o == 1
+            for t, o in zip(target_shape[1:], output_shape[1:], strict=True)
+        ):
+            raise DataError(
+                f"{argument}: y has shape {target_shape} but the model's output has "
+                f"{output_shape}; the loss would broadcast the output over y's extra values. "
+                "Give y the output's shape (or the model an output of y's)."
+            )
 
 
 def check_scalar_loss(loss: Any, method: str = "compute_loss") -> None:

@@ -134,6 +134,7 @@ class Engine:
                 checks_loss=overrides_loss or self.loss() is not None or step not in overridden,
             )
             if training and not self.built_training:
+                self.check_can_train()  # an unbuilt model has its variables only now
                 self.update.build(self.methods.trainable_variables())
                 _seeds.reseed_generators(self.model, self.options.seed)
                 self.built_training = True
@@ -182,7 +183,6 @@ class Engine:
 
     def predict(self, source: data_lib.DataSource, callbacks: CallbackList) -> Any:
         stream = source.stream(0)
-        _seeds.seed_unbuilt_model(self.model, self.options.seed)
         with self.scope():
             _checks.check_model_accepts(self.methods.predict_step, stream.first_batch(), self.model)
         callbacks.on_predict_start({})

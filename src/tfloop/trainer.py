@@ -74,7 +74,8 @@ class Trainer:
         strategy: a ``tf.distribute.Strategy``. Create the model (and an optimizer instance,
             if you pass one) inside ``strategy.scope()``. Batches are *global*: each step's
             batch is split across the replicas. ``None`` runs on the default device.
-        seed: makes shuffling, dropout and the initialisation of an unbuilt model reproducible.
+        seed: makes the shuffle of arrays and Dropout reproducible. A model's initial weights
+            are drawn when it is created: call ``keras.utils.set_random_seed(seed)`` before.
 
     Examples:
         >>> import numpy as np, keras, tfloop
@@ -358,7 +359,8 @@ class Trainer:
         arguments = dict(locals())
         del arguments["self"], arguments["callbacks"]
         plan = plan_fit(self.steps_per_execution, self._data_seed, **arguments)
-        self._engine.check_can_train()
+        if getattr(self.model, "built", True):
+            self._engine.check_can_train()  # else after the first batch builds the model
         self.stop_training = False
         controller = Controller(self._engine.fit_hooks(), plan, self.checkpoint)
         self.run_info = controller.info
