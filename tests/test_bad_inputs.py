@@ -4,6 +4,12 @@ subprocess with a timeout."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
 import keras
 import numpy as np
 import pytest
@@ -121,3 +127,51 @@ def test_an_unbuilt_model_trains_evaluates_and_predicts_alike():
     history = trainer.fit(x, y, batch_size=8, verbose=0)
     assert model.built and np.isfinite(history.history["loss"][0])
     assert trainer.predict(x).shape == (16, 1)
+
+
+# ------------------------------------------------ a corrupt newest checkpoint: exact fallback
+
+JOB = Path(__file__).with_name("resume_job.py")
+
+
+def run_job(directory, out, *args, expect=0):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    done = subprocess.run(
+        [sys.executable, str(JOB), str(directory), str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == expect, done.stderr[-3000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("straight")
+    run_job(root / "run", root / "out.npz", "--data", "dataset", "--every-n-steps", "1")
+    return np.load(root / "out.npz")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("after", [10, 11, 12, 13, 24, 25, 26])  # 13 micro-batches per epoch
+def test_falling_back_from_a_corrupt_newest_checkpoint_resumes_exactly(
+    tmp_path, straight_run, after
+):
+    """A reshuffling dataset, Dropout, accumulate_steps=2 and a checkpoint every update: the
+    newest checkpoint's data file is truncated after a kill; the rerun warns, falls back to the
+    previous checkpoint and still finishes exactly as a straight run."""
+    directory, out = tmp_path / "run", tmp_path / "out.npz"
+    args = ("--data", "dataset", "--every-n-steps", "1")
+    run_job(directory, out, *args, "--kill-after", str(after), expect=-signal.SIGKILL)
+    newest = tf.train.latest_checkpoint(str(directory))
+    data_file = Path(f"{newest}.data-00000-of-00001")
+    data_file.write_bytes(data_file.read_bytes()[: data_file.stat().st_size // 2])
+    done = run_job(directory, out, *args)
+    assert "cannot be restored" in done.stderr
+    resumed = np.load(out)
+    assert resumed.files == straight_run.files
+    for key in straight_run.files:
+        np.testing.assert_array_equal(resumed[key], straight_run[key], err_msg=key)
