@@ -120,6 +120,18 @@ def test_targets_wider_than_the_output_are_not_silently_broadcast():
     assert_untouched(trainer, before)
 
 
+def test_an_out_of_range_sparse_label_anywhere_in_the_arrays_is_named_before_training():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4)])
+    trainer = tfloop.Trainer(model, "sgd", "sparse_categorical_crossentropy", jit_compile=True)
+    labels = np.arange(64) % 4
+    labels[50] = 7  # far from the first batch
+    before = weights_of(model)
+    with pytest.raises(DataError, match=r"\[0, 4\).*holds 7"):
+        trainer.fit(np.ones((64, 3), "float32"), labels, batch_size=8, verbose=0)
+    assert_untouched(trainer, before)
+
+
 def test_an_unbuilt_model_trains_evaluates_and_predicts_alike():
     model = keras.Sequential([keras.layers.Dense(4, activation="relu"), keras.layers.Dense(1)])
     trainer = tfloop.Trainer(model, "sgd", "mse", seed=0)

@@ -283,7 +283,7 @@ def test_jit_auto_falls_back_when_xla_cannot_compile(caplog):
             y_pred = self.model(x, training=training)
             # a string op: XLA has no kernel for it
             tf.strings.as_string(tf.reduce_sum(y_pred))
-            return keras.losses.categorical_crossentropy(y, y_pred)
+            return tf.reduce_mean(keras.losses.categorical_crossentropy(y, y_pred))
 
     trainer = HostLoss(make_model(), "sgd")
     trainer.fit(make_data(20), epochs=1, batch_size=5, verbose=0)

@@ -139,6 +139,14 @@ class Engine:
                 _seeds.reseed_generators(self.model, self.options.seed)
                 self.built_training = True
 
+    def check_labels(self, source: data_lib.DataSource) -> None:
+        """Integer labels of in-memory arrays lie in their output's class range (all of them,
+        not only the dry run's batch)."""
+        arrays = getattr(source, "arrays", None)
+        if source.indexed and arrays is not None:
+            _, y, _ = data_lib.unpack_batch(arrays)
+            _checks.check_sparse_labels(y, self.dry_run.outputs)
+
     def check_can_train(self) -> None:
         overridden = self.methods.overridden
         _checks.check_can_train(
@@ -153,6 +161,7 @@ class Engine:
     def fit_hooks(self) -> FitHooks:
         return FitHooks(
             build=lambda batch: self.build(batch, training=True),
+            check_data=self.check_labels,
             train_loop=lambda: self.loop("train"),
             evaluate=self.evaluate,
             results=self.results,
