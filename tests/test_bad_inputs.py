@@ -240,3 +240,9 @@ def test_sample_weights_of_the_wrong_shape_in_a_dataset_are_named():
     trainer = tfloop.Trainer(make_model(), "sgd", "categorical_crossentropy")
     with pytest.raises(DataError, match="sample weights"):
         trainer.fit(data, verbose=0)
+
+
+def test_a_list_of_lists_gets_a_hint_to_make_it_an_array():
+    trainer = tfloop.Trainer(make_model(), "sgd", "categorical_crossentropy")
+    with pytest.raises(DataError, match=r"np\.asarray"):
+        trainer.fit([[0.0] * 5] * 4, np.ones((4, 3)), verbose=0)
