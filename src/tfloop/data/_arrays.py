@@ -71,8 +71,7 @@ def _check_lengths(arrays: Nested, argument: str) -> None:
                 else ""
             )
             raise DataError(
-                f"{argument}: {name} is a scalar; every array needs a leading example axis."
-                + hint
+                f"{argument}: {name} is a scalar; every array needs a leading example axis." + hint
             )
     lengths = {name: int(tensor.shape[0]) for name, tensor in named}
     if len(set(lengths.values())) > 1:
