@@ -9,6 +9,7 @@ events, a straight run for a resume.
 
 from __future__ import annotations
 
+import gc
 import inspect
 import math
 import multiprocessing
@@ -189,6 +190,7 @@ def test_an_infinite_pydataset_needs_steps_and_reads_on_across_epochs():
     assert_weights_equal(weights, trained(in_order, batch_size=16, shuffle=False))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("workers", "crash_after", "infinite"),
     [("in-line", 5, False), ("threads", 9, False), ("processes", 7, False), ("threads", 8, True)],
@@ -201,18 +203,19 @@ def test_a_pydataset_resumes_mid_epoch_by_count_exactly(tmp_path, workers, crash
     def run(directory, callbacks=()):
         checkpointer = tfloop.Checkpointer(directory, every_n_steps=1, every_epoch=False)
         trainer = make_trainer(checkpoint=checkpointer, callbacks=list(callbacks))
-        trainer.fit(make(), epochs=3, steps_per_epoch=steps_per_epoch, verbose=0)
+        trainer.fit(make(), epochs=2, steps_per_epoch=steps_per_epoch, verbose=0)
         return trainer
 
     straight = run(tmp_path / "straight")
     with pytest.raises(Crash):
         run(tmp_path / "resumed", [CrashAfter(crash_after)])
+    gc.collect()  # the crashed run's workers stop with it, as they would in a killed process
     resumed = run(tmp_path / "resumed")
     checkpointer = resumed.checkpoint
     metadata = checkpointer.read_metadata(checkpointer.checkpoints[0])
     assert metadata["iterator"] is False  # a count, not an iterator state
     assert adapt(make(), steps=steps_per_epoch).resumes_by_count
-    assert int(resumed.optimizer.iterations) == (18 if infinite else 21)
+    assert int(resumed.optimizer.iterations) == (12 if infinite else 14)
     assert_weights_equal(weights_of(resumed.model), weights_of(straight.model))
 
 
@@ -232,10 +235,14 @@ def test_a_pydataset_stopped_mid_epoch_ends_its_epoch_and_stops_its_workers(work
     x, y = make_data(100)
     dataset = Batches(x, y, 4, max_queue_size=3, **WORKERS[workers])
     trainer = make_trainer(steps_per_execution=1, callbacks=[StopAfter(3)])
+    before = set(multiprocessing.active_children())
     trainer.fit(dataset, epochs=2, verbose=0)
     assert dataset.events == ["end", "begin", "end"]
-    assert multiprocessing.active_children() == []
     assert not [t for t in threading.enumerate() if t.name.startswith("Worker_")]
+    deadline = time.monotonic() + 30  # a closed pool's workers exit on their own
+    while set(multiprocessing.active_children()) - before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not set(multiprocessing.active_children()) - before
 
 
 def signal_then_sleep(started):
@@ -314,6 +321,7 @@ def test_a_generator_read_more_than_once_is_a_data_error_before_anything_runs():
     assert not adapt(batches_of(x, y, 16)).stream(0).exhausted  # a list can
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("steps_per_epoch", [None, 4])
 def test_a_generator_resumes_by_skipping_the_batches_already_trained(tmp_path, steps_per_epoch):
     x, y = make_data(160)
