@@ -111,14 +111,15 @@ def main() -> None:
             .batch(8)
         )
         kwargs = {}
-    trainer.fit(data, epochs=int(os.environ.get("EPOCHS", 3)), verbose=0, **kwargs)
+    history = trainer.fit(data, epochs=int(os.environ.get("EPOCHS", 3)), verbose=0, **kwargs)
     if trainer.preempted:
         sys.exit(143)
     variables = {f"model_{i}": v.numpy() for i, v in enumerate(model.weights)}
     variables.update(
         {f"optimizer_{i}": v.numpy() for i, v in enumerate(trainer.optimizer.variables)}
     )
-    variables["accuracy"] = trainer.compiled_metrics[0].result().numpy()
+    # The metric's running state at the end: the last epoch's training accuracy.
+    variables["accuracy"] = np.float32(history.history["accuracy"][-1])
     np.savez(args.out, **variables)
 
 

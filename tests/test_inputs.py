@@ -10,7 +10,6 @@ events, a straight run for a resume.
 from __future__ import annotations
 
 import gc
-import inspect
 import math
 import multiprocessing
 import os
@@ -559,12 +558,9 @@ def test_class_weight_errors_name_class_weight():
             adapt((x, y), class_weight=bad)
 
 
-# -------------------------------------------- through fit's Keras arguments (issue 19 fit)
-
-KERAS_FIT = "class_weight" in inspect.signature(tfloop.Trainer.fit).parameters
+# -------------------------------------------------------------- through fit's Keras arguments
 
 
-@pytest.mark.skipif(not KERAS_FIT, reason="fit(x, y, class_weight=...) not there yet")
 def test_fit_with_class_weight_equals_fit_with_the_equivalent_sample_weight():
     x, y = make_data(60)
     class_weight = {0: 0.5, 2: 4.0}
@@ -576,7 +572,6 @@ def test_fit_with_class_weight_equals_fit_with_the_equivalent_sample_weight():
     assert_weights_equal(weights_of(with_class_weight.model), weights_of(with_sample_weight.model))
 
 
-@pytest.mark.skipif(not KERAS_FIT, reason="fit(x, y, validation_split=...) not there yet")
 def test_fit_with_validation_split_validates_on_the_rows_keras_takes():
     x, y = make_data(50)
     (x_train, y_train), validation = array_slicing.train_validation_split((x, y), 0.3)
@@ -585,6 +580,22 @@ def test_fit_with_validation_split_validates_on_the_rows_keras_takes():
         x_train, y_train, validation_data=validation, batch_size=8, verbose=0
     )
     assert split.history == explicit.history
+
+
+@pytest.mark.parametrize("infinite", [False, True])
+def test_fit_validates_a_pydataset_on_its_first_validation_steps_batches(infinite):
+    x, y = make_data(64)
+    trainer = make_trainer()
+    history = trainer.fit(
+        x,
+        y,
+        epochs=2,
+        validation_data=Batches(x, y, 16, infinite=infinite),
+        validation_steps=2,
+        verbose=0,
+    )
+    first_two = trainer.evaluate(x[:32], y[:32], batch_size=16)
+    assert history.history["val_loss"][-1] == pytest.approx(first_two["loss"], rel=1e-6)
 
 
 def test_a_class_weighted_dataset_keeps_a_checkpointable_iterator(tmp_path):

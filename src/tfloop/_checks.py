@@ -11,7 +11,6 @@ from typing import Any
 
 import tensorflow as tf
 
-from tfloop import _seeds
 from tfloop._validate import describe_tensors, first_line
 from tfloop.data import unpack_batch
 from tfloop.errors import ConfigError, DataError
@@ -20,8 +19,12 @@ __all__ = [
     "DryRun",
     "batch_signature",
     "check_can_train",
+    "check_gradients",
     "check_loss",
     "check_model_accepts",
+    "check_scalar_loss",
+    "check_sparse_labels",
+    "check_target_shapes",
 ]
 
 Nested = Any
@@ -61,9 +64,12 @@ class DryRun:
         self.compute_loss = compute_loss
         self.reset_metrics = reset_metrics
         self.seed = seed
+        self.outputs: Nested = None  # the specs of the model's outputs, once it ran
         self._validated: set[Any] = set()
 
-    def check(self, batch: Nested, *, overrides_loss: bool, checks_loss: bool) -> None:
+    def check(
+        self, batch: Nested, *, overrides_loss: bool, checks_loss: bool, argument: str = "data"
+    ) -> None:
         """Runs the model (and resolves the metrics) and the loss on ``batch``; the metrics
         are reset afterwards, as the dry run updated them."""
         model, compiled = self.model, self.compiled
@@ -74,18 +80,49 @@ class DryRun:
         _, y, _ = unpack_batch(batch)
         try:
             if not overrides_loss or compiled.specs:
-                _seeds.seed_unbuilt_model(model, self.seed)
-                compiled.build(y, check_model_accepts(self.predict_step, batch, model))
+                y_pred = check_model_accepts(self.predict_step, batch, model, argument)
+                self.outputs = tf.nest.map_structure(tf.TensorSpec.from_tensor, y_pred)
+                check_target_shapes(y, y_pred, argument)
+                compiled.build(y, y_pred)
             if y is None and not overrides_loss and checks_loss:
                 raise DataError(
-                    "data has no targets: pass (x, y) or a dataset of (x, y) tuples (or "
-                    "override compute_loss for a loss without targets)."
+                    f"{argument} has no targets: pass (x, y) or a dataset of (x, y) tuples "
+                    "(or override compute_loss for a loss without targets)."
                 )
             if checks_loss:
-                check_loss(self.compute_loss, batch)
+                check_loss(self.compute_loss, batch, argument)
         finally:
             self.reset_metrics()
         self._validated.add(signature)
+
+
+def check_sparse_labels(y: Nested, outputs: Nested, argument: str = "x") -> None:
+    """A DataError for integer labels outside ``[0, classes)`` of the output they go with.
+
+    Checked over all of the arrays before training: one out-of-range label anywhere gives NaN
+    weights under XLA (TensorFlow's kernels check the range only without it).
+    """
+    if y is None or outputs is None:
+        return
+    try:
+        tf.nest.assert_same_structure(y, outputs)
+    except (ValueError, TypeError):
+        return
+    for label, output in zip(tf.nest.flatten(y), tf.nest.flatten(outputs), strict=True):
+        rank, out_rank = label.shape.rank, output.shape.rank
+        if not label.dtype.is_integer or not out_rank or output.shape[-1] in (None, 1):
+            continue
+        if not (rank == out_rank - 1 or (rank == out_rank and label.shape[-1] == 1)):
+            continue
+        classes = int(output.shape[-1])
+        low, high = int(tf.reduce_min(label)), int(tf.reduce_max(label))
+        if low < 0 or high >= classes:
+            bad = low if low < 0 else high
+            raise DataError(
+                f"{argument}: the integer labels y must lie in [0, {classes}) for an output of "
+                f"{classes} classes, but y holds {bad}. Fix the labels (or the number of "
+                "output units)."
+            )
 
 
 def check_model_accepts(
@@ -93,8 +130,16 @@ def check_model_accepts(
 ) -> Nested:
     """Runs ``predict_step(batch)`` eagerly; a failure is a DataError about ``x``."""
     x, _, _ = unpack_batch(batch)
+    if not callable(model):
+        raise ConfigError(
+            f"model: a {type(model).__name__} has no __call__, so tfloop cannot run it on x; "
+            "give it a __call__, or override predict_step and compute_loss in a Trainer "
+            "subclass."
+        )
     try:
         return predict_step(batch)
+    except (ConfigError, DataError):
+        raise
     except Exception as error:
         raise DataError(
             f"{argument}: the model cannot take x {describe_tensors(x)}{_expected_input(model)}: "
@@ -108,16 +153,96 @@ def check_loss(compute_loss: Callable[..., Any], batch: Nested, argument: str = 
     ``y`` (tfloop's own errors pass through)."""
     _, y, _ = unpack_batch(batch)
     try:
-        compute_loss(batch, training=False)
+        loss = compute_loss(batch, training=False)
     except (ConfigError, DataError):
         raise
     except Exception as error:
+        _, _, weights = unpack_batch(batch)
+        if weights is not None and _mismatched_weights(weights, y):
+            raise DataError(
+                f"{argument}: the sample weights {describe_tensors(weights)} do not fit y "
+                f"{describe_tensors(y)}: {first_line(error, 300)}. Give one weight per "
+                "example (shape (batch,)), or per time step ((batch, steps))."
+            ) from error
         raise DataError(
             f"{argument}: the loss cannot be computed for y {describe_tensors(y)}: "
             f"{first_line(error, 400)}. Check that y matches the model's output and the loss "
             "(e.g. one-hot labels for categorical_crossentropy, integer labels for "
             "sparse_categorical_crossentropy)."
         ) from error
+    check_scalar_loss(loss)
+
+
+def check_target_shapes(y: Nested, y_pred: Nested, argument: str = "data") -> None:
+    """A DataError when a target is wider than the output it is compared with.
+
+    A loss compares ``y`` and the output element by element, broadcasting where a dimension is
+    1: targets of shape ``(n, 5)`` against an output of ``(n, 1)`` would compare every target
+    column with the one output silently. (The other way, ``(n, 1)`` labels for ``(n, C)``
+    outputs, is how sparse labels look, and is left to the loss.)
+    """
+    if y is None or y_pred is None:
+        return
+    try:
+        tf.nest.assert_same_structure(y, y_pred)
+    except (ValueError, TypeError):
+        return  # a loss dict or a custom structure: the loss matches them
+    for target, output in zip(tf.nest.flatten(y), tf.nest.flatten(y_pred), strict=True):
+        target_shape, output_shape = tuple(target.shape), tuple(output.shape)
+        if len(target_shape) != len(output_shape):
+            continue
+        if any(
+            t is not None and t > 1 and o == 1
+            for t, o in zip(target_shape[1:], output_shape[1:], strict=True)
+        ):
+            raise DataError(
+                f"{argument}: y has shape {target_shape} but the model's output has "
+                f"{output_shape}; the loss would broadcast the output over y's extra values. "
+                "Give y the output's shape (or the model an output of y's)."
+            )
+
+
+def _mismatched_weights(weights: Nested, y: Nested) -> bool:
+    """Whether sample weights cannot go with ``y``: another batch size, or not one weight per
+    example (``(batch,)`` or ``(batch, 1)``) or per time step (``y``'s shape without its last
+    dimension)."""
+
+    def mismatched(weight: Any, target: Any) -> bool:
+        w, t = tuple(weight.shape), tuple(target.shape)
+        if not w or not t:
+            return False
+        return w[0] != t[0] or (w[1:] not in ((), (1,)) and w[1:] != t[1:-1])
+
+    pairs = zip(tf.nest.flatten(weights), tf.nest.flatten(y), strict=False)
+    return any(mismatched(weight, target) for weight, target in pairs)
+
+
+def check_scalar_loss(loss: Any, method: str = "compute_loss") -> None:
+    """A ConfigError unless ``loss`` is a scalar tensor: the mean loss of the batch.
+
+    A vector of per-example losses would make the gradient their *sum*, so each update
+    would be batch-size times too large while the logged loss looked normal.
+    """
+    if loss is None or not tf.is_tensor(loss):
+        raise ConfigError(
+            f"{method} returned {loss!r}; it must return the batch's mean loss as a scalar "
+            "tensor (e.g. tf.reduce_mean(per_example_losses))."
+        )
+    if loss.shape.rank != 0:
+        raise ConfigError(
+            f"{method} returned a tensor of shape {loss.shape}; it must return the batch's "
+            "*mean* loss, a scalar: reduce it with tf.reduce_mean (a vector's gradient is "
+            "the sum over the batch, so every update would be batch-size times too large)."
+        )
+
+
+def check_gradients(gradients: list[Any], variables: list[Any], method: str) -> None:
+    """A ConfigError (at trace time) when no gradient reaches a trainable variable."""
+    if variables and all(g is None for g in gradients):
+        raise ConfigError(
+            f"the loss of {method} does not depend on any trainable variable (every gradient "
+            "is None): compute it from the model's outputs, inside the GradientTape."
+        )
 
 
 def batch_signature(batch: Nested) -> tuple[Any, ...]:

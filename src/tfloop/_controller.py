@@ -48,6 +48,7 @@ class FitHooks:
     """What the controller runs, handed over by the Trainer (Orbit's runner)."""
 
     build: Callable[[Nested], None]  # builds everything training needs, on one batch
+    check_data: Callable[[DataSource, str], None]  # checks a whole input (its argument name)
     train_loop: Callable[[], Callable[..., Any]]  # the compiled train loop (after build)
     evaluate: Callable[[DataSource, CallbackList], dict[str, float]]  # a validation pass
     results: Callable[[], Mapping[str, Any]]  # metric results and counters, read eagerly
@@ -132,6 +133,9 @@ class Controller:
             raise DataError("data yielded no batches; pass a non-empty dataset.")
         with self.hooks.scope():
             self.hooks.build(first)
+        self.hooks.check_data(source, "x")
+        if self.plan.validation is not None:
+            self.hooks.check_data(self.plan.validation, "validation_data")
         if checkpointer is not None:
             checkpointer.bind(self.hooks.checkpoint_objects(), self.hooks.strategy)
             if latest is not None:
@@ -189,7 +193,7 @@ class Controller:
                 if self._stopping() and self._preempted():
                     break
                 epoch = self.epoch
-                if plan.validation is not None and (epoch + 1) % plan.validation_freq == 0:
+                if plan.validation is not None and plan.validates_after(epoch):
                     results = hooks.evaluate(plan.validation, self.callbacks)
                     logs.update({f"val_{name}": value for name, value in results.items()})
                 self.callbacks.on_epoch_end(epoch, logs)

@@ -45,7 +45,7 @@ from tfloop.data._arrays import ArraySource, standardize_arrays
 from tfloop.data._cache import TENSORS
 from tfloop.data._datasets import DatasetSource
 from tfloop.data._host import IterableSource
-from tfloop.data._kinds import describe, is_arrays, is_batch_iterable
+from tfloop.data._kinds import describe, is_arrays, is_batch_iterable, is_batched_input
 from tfloop.data._pydataset import PyDatasetSource
 from tfloop.data._source import (
     DataSource,
@@ -76,7 +76,10 @@ __all__ = [
     "choose_steps_per_execution",
     "class_weight_to_sample_weights",
     "is_arrays",
+    "is_batched_input",
+    "one_batch",
     "split_for_validation",
+    "static_batch_size",
     "unpack_batch",
     "with_sample_weight",
 ]
@@ -195,6 +198,7 @@ def adapt(
     source.steps_per_execution = choose_steps_per_execution(
         steps_per_execution, source.bytes_per_batch, steps or source.steps_per_epoch
     )
+    source.steps = steps
     return source
 
 
@@ -209,3 +213,32 @@ def _with_class_weights(arrays: Any, class_weight: dict[int, float], argument: s
     check_single_output(y, argument)
     weights = class_weight_to_sample_weights(y, class_weight)
     return (x, y, tf.constant(weights))
+
+
+def static_batch_size(batch: Any) -> int | None:
+    """The static size of ``batch``'s first dimension (None if unknown)."""
+    first = tf.nest.flatten(batch)[0]
+    shape = getattr(first, "shape", None)
+    if shape is None or len(shape) == 0:
+        return None
+    return None if shape[0] is None else int(shape[0])
+
+
+def one_batch(data: Any, **options: Any) -> DataSource:
+    """One batch of arrays (``x``, ``(x, y)``, ``(x, y, sample_weight)``) as a source of one
+    step, for ``train_on_batch`` and the like; ``options`` go to :func:`adapt`.
+
+    Examples:
+        >>> import numpy as np
+        >>> source = one_batch((np.zeros((5, 2)), np.ones(5)))
+        >>> data, start, stop = source.stream(0).next_chunk(1)
+        >>> tuple(data[0].shape), (start, stop)
+        ((1, 5, 2), (0, 1))
+    """
+    if is_batched_input(data):
+        raise ConfigError(
+            f"a {type(data).__name__} is not one batch; pass arrays (x, y, sample_weight)."
+        )
+    arrays = standardize_arrays(data, "x")
+    size = static_batch_size(arrays)
+    return adapt(arrays, batch_size=size, steps_per_execution=1, steps=1, shuffle=False, **options)

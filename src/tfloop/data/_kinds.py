@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-__all__ = ["describe", "is_arrays", "is_batch_iterable"]
+__all__ = ["describe", "is_arrays", "is_batch_iterable", "is_batched_input"]
 
 
 def is_arrays(data: Any) -> bool:
@@ -27,7 +27,21 @@ def is_arrays(data: Any) -> bool:
     """
     if data is None or isinstance(data, (tf.data.Dataset, keras.utils.PyDataset)):
         return False
+    if callable(data) and not hasattr(data, "shape"):  # a dataset or generator function
+        return False
     return not is_batch_iterable(data)
+
+
+def is_batched_input(data: Any) -> bool:
+    """Whether ``data`` yields its own batches (a dataset, a PyDataset, a generator...), as
+    opposed to arrays that tfloop batches (``None`` is neither).
+
+    Examples:
+        >>> import tensorflow as tf
+        >>> is_batched_input(tf.data.Dataset.range(3).batch(2)), is_batched_input([1, 2])
+        (True, False)
+    """
+    return data is not None and not is_arrays(data)
 
 
 def is_batch_iterable(data: Any) -> bool:
