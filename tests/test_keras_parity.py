@@ -233,3 +233,40 @@ def test_an_infinite_validation_set_is_an_error_before_training_not_a_hang():
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "raised" in done.stdout and "val_loss" in done.stdout
+
+
+def imbalanced(n: int = 120, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 4)).astype("float32")
+    labels = (rng.random(n) < 0.15).astype("int64")  # about 15% positives
+    return x, keras.utils.to_categorical(labels, 2).astype("float32")
+
+
+def small_classifier(seed: int = 0) -> keras.Model:
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(6, activation="tanh"), keras.layers.Dense(2)]
+    )
+
+
+@pytest.mark.parametrize(
+    "fit_options",
+    [{"class_weight": {0: 0.6, 1: 4.0}}, {"validation_split": 0.25}],
+    ids=["class-weight", "validation-split"],
+)
+def test_class_weight_and_validation_split_train_as_model_fit_does(fit_options):
+    x, y = imbalanced()
+    compile_options = {
+        "loss": keras.losses.CategoricalCrossentropy(from_logits=True),
+        "metrics": ["accuracy"],
+    }
+    reference = small_classifier()
+    reference.compile(optimizer=keras.optimizers.SGD(0.1), jit_compile=False, **compile_options)
+    expected = reference.fit(
+        x, y, batch_size=16, epochs=3, shuffle=False, verbose=0, **fit_options
+    ).history
+    model = small_classifier()
+    trainer = tfloop.Trainer(model, keras.optimizers.SGD(0.1), jit_compile=False, **compile_options)
+    history = trainer.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0, **fit_options)
+    assert_logs_close(expected, history.history)
+    assert_weights_equal(weights_of(reference), weights_of(model), rtol=RTOL, atol=1e-6)

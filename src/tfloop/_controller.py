@@ -99,6 +99,10 @@ class Controller:
             self.run()
         finally:
             self.info.in_fit = False
+            # A PyDataset's workers stop here, not when garbage collection gets to them.
+            self.plan.source.close()
+            if self.plan.validation is not None:
+                self.plan.validation.close()
         return history
 
     # ------------------------------------------------------------------------- start

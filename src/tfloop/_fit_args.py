@@ -105,11 +105,10 @@ def plan_fit(
     data = as_data(x, y, sample_weight)
     validation_split = _validate.number(validation_split, "validation_split")
     if validation_split:
-        split = data_lib.split_for_validation(data, validation_split)  # type: ignore[attr-defined]
+        split = data_lib.split_for_validation(data, validation_split)
         data = split[0]
         if validation_data is None:
             validation_data = split[1]
-    extra = {} if class_weight is None else {"class_weight": class_weight}
     source = data_lib.adapt(
         data,
         batch_size=batch_size,
@@ -119,24 +118,29 @@ def plan_fit(
         shuffle=shuffle,
         seed=data_seed,
         argument="x",
-        **extra,
+        class_weight=class_weight,
+        # A generator read once cannot give several epochs: say so before training.
+        passes=1 if steps_per_epoch else epochs - initial_epoch,
     )
     if source.indexed and (steps_per_epoch or 0) > (source.steps_per_epoch or 0):
         raise ConfigError(
             f"steps_per_epoch={steps_per_epoch} is more than the "
-            f"{source.steps_per_epoch} batches the arrays hold; lower it or leave it "
-            "None (one pass over the arrays per epoch)."
+            f"{source.steps_per_epoch} batches the input holds; lower it or leave it "
+            "None (one pass over the input per epoch)."
         )
     validation = None
     if validation_data is not None:
+        if data_lib.is_arrays(validation_data):
+            validation_batch_size = validation_batch_size or batch_size
         validation = data_lib.adapt(
             validation_data,
-            batch_size=validation_batch_size or batch_size,
+            batch_size=validation_batch_size,
             steps_per_execution=steps_per_execution,
             steps=_validate.optional_count(validation_steps, "validation_steps"),
             steps_argument="validation_steps",
             shuffle=False,
             argument="validation_data",
+            passes=max(1, _validations(validation_freq, initial_epoch, epochs)),
         )
     return FitPlan(
         source=source,
@@ -148,6 +152,13 @@ def plan_fit(
         verbose=verbose,
         data_seed=data_seed,
     )
+
+
+def _validations(freq: int | tuple[int, ...], initial_epoch: int, epochs: int) -> int:
+    """How many validation passes a fit of epochs ``initial_epoch..epochs-1`` makes."""
+    if isinstance(freq, int):
+        return sum(1 for epoch in range(initial_epoch, epochs) if (epoch + 1) % freq == 0)
+    return sum(1 for epoch in range(initial_epoch, epochs) if epoch + 1 in freq)
 
 
 def _validation_freq(value: Any) -> int | tuple[int, ...]:
