@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import math
+import numbers
+import time
+from collections.abc import Callable
 from typing import Any
 
 from tfloop import _validate
@@ -10,7 +15,10 @@ from tfloop import data as data_lib
 from tfloop.data import DataSource
 from tfloop.errors import ConfigError
 
-__all__ = ["FitPlan", "plan_fit"]
+__all__ = ["Duration", "FitPlan", "plan_fit"]
+
+Duration = float | datetime.timedelta
+"""A time budget: seconds, or a ``datetime.timedelta``."""
 
 
 @dataclasses.dataclass
@@ -25,6 +33,10 @@ class FitPlan:
     validation_freq: int
     verbose: int
     data_seed: int  # the array shuffle's seed (a resume restores the run's own)
+    validation_every_n_steps: int | None = None
+    max_steps: int | None = None  # updates in total, counted across resumes
+    max_time: float | None = None  # seconds of this fit call
+    clock: Callable[[], float] = time.monotonic  # what max_time is measured with
 
     @property
     def persistent(self) -> bool:
@@ -46,12 +58,19 @@ def plan_fit(
     verbose: Any,
     steps_per_execution: int | str,
     data_seed: int,
+    validation_every_n_steps: Any = None,
+    max_steps: Any = None,
+    max_time: Any = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> FitPlan:
     """Checks every argument of ``fit`` and adapts its inputs; raises before anything runs."""
     epochs = _validate.count(epochs, "epochs", minimum=1)
     steps_per_epoch = _validate.optional_count(steps_per_epoch, "steps_per_epoch")
     validation_freq = _validate.count(validation_freq, "validation_freq", minimum=1)
     initial_epoch = _validate.count(initial_epoch or 0, "initial_epoch", minimum=0)
+    every = _validate.optional_count(validation_every_n_steps, "validation_every_n_steps")
+    max_steps = _validate.optional_count(max_steps, "max_steps")
+    seconds = _seconds(max_time)
     source = data_lib.adapt(
         data,
         batch_size=batch_size,
@@ -77,6 +96,11 @@ def plan_fit(
             shuffle=False,
             argument="validation_data",
         )
+    if every is not None and validation is None:
+        raise ConfigError(
+            f"validation_every_n_steps={every} needs validation data to evaluate; pass "
+            "validation_data=... to fit, or drop validation_every_n_steps."
+        )
     return FitPlan(
         source=source,
         validation=validation,
@@ -86,4 +110,25 @@ def plan_fit(
         validation_freq=validation_freq,
         verbose=verbose,
         data_seed=data_seed,
+        validation_every_n_steps=every,
+        max_steps=max_steps,
+        max_time=seconds,
+        clock=clock,
+    )
+
+
+def _seconds(max_time: Any) -> float | None:
+    """``max_time`` in seconds: a positive number of seconds or a ``timedelta``, or None."""
+    if isinstance(max_time, datetime.timedelta):
+        seconds = max_time.total_seconds()
+        if seconds > 0:
+            return seconds
+    elif max_time is None:
+        return None
+    elif isinstance(max_time, numbers.Real) and not isinstance(max_time, bool):
+        seconds = float(max_time)
+        if math.isfinite(seconds) and seconds > 0:
+            return seconds
+    raise ConfigError(
+        f"max_time must be a positive number of seconds or a datetime.timedelta, got {max_time!r}."
     )

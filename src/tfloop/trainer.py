@@ -25,7 +25,7 @@ from tfloop._autograph import user_code
 from tfloop._compile import LossAndMetrics
 from tfloop._controller import Controller, FitHooks, run_evaluation
 from tfloop._export import export_model
-from tfloop._fit_args import plan_fit
+from tfloop._fit_args import Duration, plan_fit
 from tfloop._loops import CompiledLoop, LoopSpec
 from tfloop._update import NonFinitePolicy, UpdateRule
 from tfloop.accumulate import validate_steps
@@ -119,9 +119,7 @@ class Trainer:
         self.clip_global_norm = _validate.optional_number(clip_global_norm, "clip_global_norm")
         self.callbacks = _config.validate_callbacks(callbacks)
         self.checkpoint = _config.resolve_checkpoint(checkpoint)
-        if seed is not None:
-            seed = _validate.count(seed, "seed")
-        self.seed = seed
+        self.seed = seed = _validate.optional_count(seed, "seed", minimum=0)
         self._data_seed = seed if seed is not None else random.SystemRandom().randrange(2**31)
         self._update = UpdateRule(
             self.optimizer,
@@ -140,12 +138,7 @@ class Trainer:
             self._compiled = LossAndMetrics(loss, metrics)
         self._loops: dict[str, CompiledLoop] = {}
         self._dry_run = _checks.DryRun(
-            model,
-            self._compiled,
-            self.predict_step,
-            self.compute_loss,
-            self._reset_metrics,
-            self.seed,
+            model, self._compiled, self.predict_step, self.compute_loss, self._reset_metrics, seed
         )
         self._built_training = False
 
@@ -313,6 +306,9 @@ class Trainer:
         batch_size: int | None = None,
         shuffle: bool = True,
         verbose: int = 1,
+        validation_every_n_steps: int | None = None,
+        max_steps: int | None = None,
+        max_time: Duration | None = None,
     ) -> History:
         """Trains for ``epochs`` epochs and returns the :class:`History` of epoch logs.
 
@@ -329,6 +325,10 @@ class Trainer:
             batch_size: batch size for arrays (default 32); not allowed with a dataset.
             shuffle: shuffle arrays each epoch (seeded by ``seed`` and the epoch number).
             verbose: 1 shows progress (a bar on a terminal, plain lines otherwise); 0 is silent.
+            validation_every_n_steps: also validate after every n-th update, mid-epoch too.
+            max_steps: stop after this many updates in all (counted across resumes).
+            max_time: stop at the first execution boundary after this many seconds (or a
+                timedelta) of this call. A Checkpointer saves at either stop (``stop_reason``).
         """
         plan = plan_fit(
             data,
@@ -340,6 +340,9 @@ class Trainer:
             batch_size=batch_size,
             shuffle=shuffle,
             verbose=verbose,
+            validation_every_n_steps=validation_every_n_steps,
+            max_steps=max_steps,
+            max_time=max_time,
             steps_per_execution=self.steps_per_execution,
             data_seed=self._data_seed,
         )
@@ -389,8 +392,7 @@ class Trainer:
             >>> sorted(trainer.evaluate((np.ones((10, 2)), np.ones((10, 1)))))
             ['loss', 'mae']
         """
-        steps = _validate.optional_count(steps, "steps")
-        source = self._adapt_for_inference(data, steps, batch_size)
+        source, steps = self._adapt_for_inference(data, steps, batch_size)
         callbacks = CallbackList(
             [*self.callbacks, *([ProgressBar()] if verbose else [])], trainer=self
         )
@@ -407,8 +409,7 @@ class Trainer:
             >>> tfloop.Trainer(model).predict(np.ones((5, 3))).shape
             (5, 2)
         """
-        steps = _validate.optional_count(steps, "steps")
-        source = self._adapt_for_inference(data, steps, batch_size)
+        source, steps = self._adapt_for_inference(data, steps, batch_size)
         stream = source.stream(0)
         _seeds.seed_unbuilt_model(self.model, self.seed)
         with self._scope():
@@ -431,15 +432,13 @@ class Trainer:
     # ------------------------------------------------------------------------- host-side loop
 
     def _adapt_for_inference(
-        self, data: Any, steps: int | None, batch_size: int | None
-    ) -> data_lib.DataSource:
-        return data_lib.adapt(
-            data,
-            batch_size=batch_size,
-            steps_per_execution=self.steps_per_execution,
-            steps=steps,
-            shuffle=False,
+        self, data: Any, steps: Any, batch_size: int | None
+    ) -> tuple[data_lib.DataSource, int | None]:
+        steps, k = _validate.optional_count(steps, "steps"), self.steps_per_execution
+        source = data_lib.adapt(
+            data, batch_size=batch_size, steps_per_execution=k, steps=steps, shuffle=False
         )
+        return source, steps
 
     def _evaluate(
         self, source: data_lib.DataSource, steps: int | None, callbacks: CallbackList

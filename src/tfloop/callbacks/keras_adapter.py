@@ -116,7 +116,7 @@ class KerasCallbacks(Callback):
         self._each("on_test_begin", logs)
 
     def on_eval_end(self, logs: Logs) -> None:
-        self._each("on_test_end", logs)
+        self._each("on_test_end", without(logs, COUNTERS))
 
     def on_predict_start(self, logs: Logs) -> None:
         self._each("on_predict_begin", logs)
