@@ -438,9 +438,11 @@ def _tfloop_trainer(setup: Setup, config: Config, accumulate_steps: int) -> Any:
 
 
 def _tfloop_traces(trainer: Any) -> int | None:
-    """Traces of tfloop's compiled train loop so far (a public count if tfloop has one, else
-    ``trainer._loop("train").tracing_count``); None when neither exists."""
+    """Traces of tfloop's compiled train loop so far (``trainer.tracing_count("train")``, or
+    ``trainer._loop("train").tracing_count`` in older versions); None when neither exists."""
     count = getattr(trainer, "tracing_count", None)
+    if callable(count):
+        count = count("train")
     if count is None:
         loop = getattr(trainer, "_loop", None)
         try:

@@ -882,9 +882,12 @@ def test_keras_callback_counters_resume_after_on_train_begin():
     }
 
 
-def test_keras_and_tfloop_callbacks_are_not_mixed_up():
-    with pytest.raises(ConfigError, match="KerasCallbacks"):
-        trainer_for(keras.callbacks.EarlyStopping())
+def test_keras_callbacks_given_directly_run_through_the_adapter():
+    stop = keras.callbacks.EarlyStopping(monitor="loss", min_delta=100.0)
+    trainer = trainer_for(stop)
+    assert isinstance(trainer.callbacks[0], KerasCallbacks)
+    history = trainer.fit(make_data(16), epochs=5, batch_size=8, verbose=0)
+    assert len(history.history["loss"]) == 2  # Keras's EarlyStopping stopped it
     with pytest.raises(ConfigError, match=r"not a keras\.callbacks\.Callback"):
         KerasCallbacks([EarlyStopping()])
 

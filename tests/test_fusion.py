@@ -62,7 +62,7 @@ def test_xla_gives_the_same_weights_within_float_tolerance(n, batch_size, steps)
     x, y = make_data(n)
     _, plain, _ = train(x, y, steps=steps, jit=False, batch_size=batch_size)
     trainer, compiled, _ = train(x, y, steps=steps, jit=True, batch_size=batch_size)
-    assert trainer._loop("train").jit  # XLA really ran
+    assert trainer._engine.loop("train").jit  # XLA really ran
     assert_weights_equal(plain, compiled, rtol=1e-4, atol=1e-5)
 
 
@@ -71,7 +71,7 @@ def test_tail_traces_once_and_is_cached_across_epochs():
     trainer, _, _ = train(x, y, steps=5, jit=False, batch_size=8, epochs=4)
     # one trace for the full superbatch (the 2-step tail is padded into it), one for the
     # partial batch; none more in later epochs
-    assert trainer._loop("train").tracing_count == 2
+    assert trainer.tracing_count("train") == 2
 
 
 def test_dataset_input_with_a_dynamic_batch_dimension_equals_array_input():

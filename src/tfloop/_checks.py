@@ -11,7 +11,6 @@ from typing import Any
 
 import tensorflow as tf
 
-from tfloop import _seeds
 from tfloop._validate import describe_tensors, first_line
 from tfloop.data import unpack_batch
 from tfloop.errors import ConfigError, DataError
@@ -20,8 +19,12 @@ __all__ = [
     "DryRun",
     "batch_signature",
     "check_can_train",
+    "check_gradients",
     "check_loss",
     "check_model_accepts",
+    "check_scalar_loss",
+    "check_sparse_labels",
+    "check_target_shapes",
 ]
 
 Nested = Any
@@ -61,6 +64,7 @@ class DryRun:
         self.compute_loss = compute_loss
         self.reset_metrics = reset_metrics
         self.seed = seed
+        self.outputs: Nested = None  # the specs of the model's outputs, once it ran
         self._validated: set[Any] = set()
 
     def check(self, batch: Nested, *, overrides_loss: bool, checks_loss: bool) -> None:
@@ -74,8 +78,10 @@ class DryRun:
         _, y, _ = unpack_batch(batch)
         try:
             if not overrides_loss or compiled.specs:
-                _seeds.seed_unbuilt_model(model, self.seed)
-                compiled.build(y, check_model_accepts(self.predict_step, batch, model))
+                y_pred = check_model_accepts(self.predict_step, batch, model)
+                self.outputs = tf.nest.map_structure(tf.TensorSpec.from_tensor, y_pred)
+                check_target_shapes(y, y_pred)
+                compiled.build(y, y_pred)
             if y is None and not overrides_loss and checks_loss:
                 raise DataError(
                     "data has no targets: pass (x, y) or a dataset of (x, y) tuples (or "
@@ -86,6 +92,35 @@ class DryRun:
         finally:
             self.reset_metrics()
         self._validated.add(signature)
+
+
+def check_sparse_labels(y: Nested, outputs: Nested, argument: str = "x") -> None:
+    """A DataError for integer labels outside ``[0, classes)`` of the output they go with.
+
+    Checked over all of the arrays before training: one out-of-range label anywhere gives NaN
+    weights under XLA (TensorFlow's kernels check the range only without it).
+    """
+    if y is None or outputs is None:
+        return
+    try:
+        tf.nest.assert_same_structure(y, outputs)
+    except (ValueError, TypeError):
+        return
+    for label, output in zip(tf.nest.flatten(y), tf.nest.flatten(outputs), strict=True):
+        rank, out_rank = label.shape.rank, output.shape.rank
+        if not label.dtype.is_integer or not out_rank or output.shape[-1] in (None, 1):
+            continue
+        if not (rank == out_rank - 1 or (rank == out_rank and label.shape[-1] == 1)):
+            continue
+        classes = int(output.shape[-1])
+        low, high = int(tf.reduce_min(label)), int(tf.reduce_max(label))
+        if low < 0 or high >= classes:
+            bad = low if low < 0 else high
+            raise DataError(
+                f"{argument}: the integer labels y must lie in [0, {classes}) for an output of "
+                f"{classes} classes, but y holds {bad}. Fix the labels (or the number of "
+                "output units)."
+            )
 
 
 def check_model_accepts(
@@ -108,7 +143,7 @@ def check_loss(compute_loss: Callable[..., Any], batch: Nested, argument: str = 
     ``y`` (tfloop's own errors pass through)."""
     _, y, _ = unpack_batch(batch)
     try:
-        compute_loss(batch, training=False)
+        loss = compute_loss(batch, training=False)
     except (ConfigError, DataError):
         raise
     except Exception as error:
@@ -118,6 +153,64 @@ def check_loss(compute_loss: Callable[..., Any], batch: Nested, argument: str = 
             "(e.g. one-hot labels for categorical_crossentropy, integer labels for "
             "sparse_categorical_crossentropy)."
         ) from error
+    check_scalar_loss(loss)
+
+
+def check_target_shapes(y: Nested, y_pred: Nested, argument: str = "data") -> None:
+    """A DataError when a target is wider than the output it is compared with.
+
+    A loss compares ``y`` and the output element by element, broadcasting where a dimension is
+    1: targets of shape ``(n, 5)`` against an output of ``(n, 1)`` would compare every target
+    column with the one output silently. (The other way, ``(n, 1)`` labels for ``(n, C)``
+    outputs, is how sparse labels look, and is left to the loss.)
+    """
+    if y is None or y_pred is None:
+        return
+    try:
+        tf.nest.assert_same_structure(y, y_pred)
+    except (ValueError, TypeError):
+        return  # a loss dict or a custom structure: the loss matches them
+    for target, output in zip(tf.nest.flatten(y), tf.nest.flatten(y_pred), strict=True):
+        target_shape, output_shape = tuple(target.shape), tuple(output.shape)
+        if len(target_shape) != len(output_shape):
+            continue
+        if any(
+            t is not None and t > 1 and o == 1
+            for t, o in zip(target_shape[1:], output_shape[1:], strict=True)
+        ):
+            raise DataError(
+                f"{argument}: y has shape {target_shape} but the model's output has "
+                f"{output_shape}; the loss would broadcast the output over y's extra values. "
+                "Give y the output's shape (or the model an output of y's)."
+            )
+
+
+def check_scalar_loss(loss: Any, method: str = "compute_loss") -> None:
+    """A ConfigError unless ``loss`` is a scalar tensor: the mean loss of the batch.
+
+    A vector of per-example losses would make the gradient their *sum*, so each update
+    would be batch-size times too large while the logged loss looked normal.
+    """
+    if loss is None or not tf.is_tensor(loss):
+        raise ConfigError(
+            f"{method} returned {loss!r}; it must return the batch's mean loss as a scalar "
+            "tensor (e.g. tf.reduce_mean(per_example_losses))."
+        )
+    if loss.shape.rank != 0:
+        raise ConfigError(
+            f"{method} returned a tensor of shape {loss.shape}; it must return the batch's "
+            "*mean* loss, a scalar: reduce it with tf.reduce_mean (a vector's gradient is "
+            "the sum over the batch, so every update would be batch-size times too large)."
+        )
+
+
+def check_gradients(gradients: list[Any], variables: list[Any], method: str) -> None:
+    """A ConfigError (at trace time) when no gradient reaches a trainable variable."""
+    if variables and all(g is None for g in gradients):
+        raise ConfigError(
+            f"the loss of {method} does not depend on any trainable variable (every gradient "
+            "is None): compute it from the model's outputs, inside the GradientTape."
+        )
 
 
 def batch_signature(batch: Nested) -> tuple[Any, ...]:

@@ -1,8 +1,26 @@
-"""The loss and the metrics: what ``Model.compile`` would be given, resolved and tracked.
+"""The loss and the metrics of a Keras model: Keras's own ``compile`` machinery, reused.
 
-The Trainer's ``compute_loss`` calls :meth:`LossAndMetrics.loss_value` and
-:meth:`LossAndMetrics.update`; the logs are the results of :attr:`LossAndMetrics.metrics` (the
-``loss`` tracker first, then the compiled metrics, by name).
+A ``keras.Model`` is trained with what ``Model.compile`` gives it: the Trainer takes the
+compiled model's configuration, overlays its own explicit arguments, compiles the model with
+the result (when anything is to change) and then calls ``Model.compute_loss`` (the loss
+structure matched to the outputs, ``loss_weights``, regularizers and ``add_loss`` terms) and
+``Model.compute_metrics`` (per-output metrics, ``weighted_metrics``), as ``model.fit`` does.
+The logs are those of ``model.fit``: ``loss``, ``<output>_loss``, ``<output>_<metric>``.
+
+On top, the Trainer keeps what makes it exact: its own ``loss`` tracker weighted by the
+examples of each step, each replica's mean loss multiplied back by the number of replicas
+(Keras divides by it; tfloop weights each replica's share by its example count instead), and
+the accumulation weight (the example count, which is exact for Keras's default
+``sum_over_batch_size`` reduction, with or without sample weights).
+
+A ``tf.Module`` has no ``compile``: ``_plain_loss.py`` keeps its loss and metrics.
+
+Examples:
+    >>> import keras, numpy as np
+    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    >>> optimizer, compiled = compile_model(model, loss="mse", metrics=["mae"])
+    >>> model.compiled, type(optimizer).__name__
+    (True, 'Adam')
 """
 
 from __future__ import annotations
@@ -12,154 +30,194 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from tfloop._autograph import user_code
+from tfloop._plain_loss import PlainLossAndMetrics, validate_metric_specs
 from tfloop.errors import ConfigError
 
-__all__ = ["LossAndMetrics", "LossFunction", "resolve_loss", "validate_metric_specs"]
+__all__ = ["KerasLossAndMetrics", "LossAndMetrics", "compile_model", "resolve_optimizer"]
 
 Nested = Any
+LossAndMetrics = Any  # KerasLossAndMetrics | PlainLossAndMetrics: the same interface
+
+_COMPILE_ARGUMENTS = ("loss", "loss_weights", "metrics", "weighted_metrics")
 
 
-class LossAndMetrics:
-    """The loss function, the ``loss`` tracker and the compiled metrics of a Trainer.
+def resolve_optimizer(optimizer: Any) -> keras.optimizers.Optimizer:
+    if isinstance(optimizer, keras.optimizers.Optimizer):
+        return optimizer
+    if isinstance(optimizer, str):
+        try:
+            return keras.optimizers.get(optimizer)
+        except ValueError as error:
+            raise ConfigError(
+                f"optimizer={optimizer!r} is not a Keras optimizer name; use e.g. 'adam', "
+                "'sgd', 'rmsprop', 'adamw', or pass a keras.optimizers.Optimizer."
+            ) from error
+    raise ConfigError(
+        f"optimizer must be a name or a keras.optimizers.Optimizer, got {type(optimizer).__name__}."
+    )
 
-    Metrics given by name are resolved at the first batch (``"accuracy"`` needs the label and
-    output shapes), in :meth:`build`.
+
+def compile_model(
+    model: Any,
+    optimizer: Any = None,
+    loss: Any = None,
+    metrics: Any = None,
+    loss_weights: Any = None,
+    weighted_metrics: Any = None,
+) -> tuple[keras.optimizers.Optimizer, LossAndMetrics]:
+    """The optimizer and the loss-and-metrics a Trainer of ``model`` uses.
+
+    A ``keras.Model`` compiled by the user keeps its configuration, and the arguments given
+    here (not None) replace those parts of it; the model is compiled again with the result
+    when anything changes, or compiled for the first time when it was not and a loss or a
+    metric is given. The optimizer is the one given, else the compiled model's, else Adam.
+    Call it inside the strategy's scope: ``compile`` creates the optimizer's state there.
     """
+    given = {
+        "loss": loss,
+        "loss_weights": loss_weights,
+        "metrics": metrics,
+        "weighted_metrics": weighted_metrics,
+    }
+    _check_names(loss, metrics, weighted_metrics)
+    if not isinstance(model, keras.Model):
+        if (
+            loss_weights is not None
+            or weighted_metrics is not None
+            or isinstance(loss, (dict, list, tuple))
+        ):
+            raise ConfigError(
+                f"loss_weights, weighted_metrics and a loss per output need a keras.Model; the "
+                f"model is a {type(model).__name__}. Pass one loss, or override compute_loss."
+            )
+        chosen = resolve_optimizer(optimizer if optimizer is not None else "adam")
+        return chosen, PlainLossAndMetrics(loss, metrics or ())
+    compiled = bool(getattr(model, "compiled", False))
+    base = dict(model._compile_config.config) if compiled else {}
+    config = {name: base.get(name) for name in _COMPILE_ARGUMENTS}
+    config.update({name: value for name, value in given.items() if value is not None})
+    if optimizer is not None:
+        chosen = resolve_optimizer(optimizer)
+    elif compiled and isinstance(getattr(model, "optimizer", None), keras.optimizers.Optimizer):
+        chosen = model.optimizer
+    else:
+        chosen = resolve_optimizer("adam")
+    changes = any(value is not None for value in given.values()) or optimizer is not None
+    if (compiled and changes) or (not compiled and any(v is not None for v in config.values())):
+        try:
+            model.compile(optimizer=chosen, **config)
+        except (ValueError, TypeError) as error:
+            raise ConfigError(
+                f"the model cannot be compiled with these arguments: {error}"
+            ) from error
+        chosen = model.optimizer  # under mixed_float16, Keras wraps it in a LossScaleOptimizer
+    return chosen, KerasLossAndMetrics(model)
 
-    def __init__(self, loss: Any, metrics: Any) -> None:
-        self.loss = resolve_loss(loss)
-        self.specs = validate_metric_specs(metrics)
+
+class KerasLossAndMetrics:
+    """The loss and metrics of a (compiled, or not) Keras model, through Keras's own calls."""
+
+    def __init__(self, model: keras.Model) -> None:
+        self.model = model
         self.loss_tracker = keras.metrics.Mean(name="loss")
-        self.compiled_metrics: list[keras.metrics.Metric] = []
-        self.built = False
 
     @property
-    def metrics(self) -> list[keras.metrics.Metric]:
-        """The loss tracker followed by the compiled metrics; their results are the logs."""
+    def loss(self) -> Any:
+        """The compiled loss, a callable ``(y_true, y_pred, sample_weight=None)`` that matches
+        the loss structure to the outputs (Keras's ``CompileLoss``); None without one."""
+        if not self.model.compiled:
+            return None
+        return getattr(self.model, "_compile_loss", None)
+
+    @property
+    def specs(self) -> bool:
+        """Whether there are compiled metrics to build on the first batch."""
+        if not self.model.compiled:
+            return False
+        config = self.model._compile_config.config
+        return bool(config.get("metrics") or config.get("weighted_metrics"))
+
+    @property
+    def compiled_metrics(self) -> list[Any]:
+        """The model's metrics besides Keras's own loss tracker (tfloop keeps its own)."""
+        own = getattr(self.model, "_loss_tracker", None)
+        return [metric for metric in self.model.metrics if metric is not own]
+
+    @property
+    def metrics(self) -> list[Any]:
         return [self.loss_tracker, *self.compiled_metrics]
 
     def build(self, y: Nested, y_pred: Nested) -> None:
-        """Resolves the metrics for targets ``y`` and outputs ``y_pred`` (once)."""
-        if not self.built:
-            self.compiled_metrics = [resolve_metric(spec, y, y_pred) for spec in self.specs]
-            self.built = True
+        """Nothing: Keras builds its compiled loss and metrics at their first call."""
 
     def loss_value(
         self,
+        x: Nested,
         y: Nested,
         y_pred: Nested,
         sample_weight: Nested,
         *,
+        training: bool,
         replicas: int = 1,
         extra: Any = None,
     ) -> tf.Tensor:
-        """The mean loss of a batch, times ``replicas``, plus the ``extra`` loss terms.
+        """``model.compute_loss`` (regularizers included: ``extra`` is not added), times
+        ``replicas``.
 
-        Keras losses divide by the number of replicas under a strategy; the Trainer weights
-        each replica's mean by its example count instead, so the division is undone. An
-        empty replica share gives a zero that still depends on the weights.
+        Keras weights each ``<output>_loss`` tracker by the *static* batch size, which
+        ``model.fit`` never knows (its batches have a dynamic batch dimension), so there every
+        batch counts once; tfloop's steps have static shapes, and the outputs' batch dimension
+        is hidden from that count to log what ``model.fit`` logs.
         """
-        if self.loss is None:
+        if not self.model.compiled:
             raise ConfigError(
-                "loss is None: pass Trainer(loss=...) or override compute_loss in a subclass."
+                "loss is None: pass Trainer(loss=...), compile the model with a loss, or "
+                "override compute_loss in a subclass."
             )
-        loss = self.loss(y, y_pred, sample_weight=sample_weight)
-        if loss.shape.rank == 1 and loss.shape[0] == 0:
-            # A replica's share of a batch smaller than the replica count is empty; Keras
-            # returns its per-example losses (none) instead of a mean. It has weight zero; the
-            # sum keeps it connected to the weights, so its gradients are zeros, not None,
-            # and every replica takes part in the same all-reduce.
-            loss = tf.reduce_sum(loss)
+        loss = self.model.compute_loss(
+            x=x,
+            y=y,
+            y_pred=_hide_batch_dimension(y_pred),
+            sample_weight=sample_weight,
+            training=training,
+        )
         if replicas > 1:
             loss = loss * tf.cast(replicas, loss.dtype)
-        if extra:
-            loss = loss + tf.add_n([tf.cast(term, loss.dtype) for term in extra])
         return loss
 
-    def update(self, y: Nested, y_pred: Nested, sample_weight: Nested = None) -> None:
-        """Updates every compiled metric with one batch."""
-        for metric in self.compiled_metrics:
-            metric.update_state(y, y_pred, sample_weight=sample_weight)
+    def update(self, x: Nested, y: Nested, y_pred: Nested, sample_weight: Nested = None) -> None:
+        """``model.compute_metrics``: the compiled metrics and weighted metrics."""
+        if self.model.compiled:
+            self.model.compute_metrics(x, y, y_pred, sample_weight)
 
 
-def resolve_loss(loss: Any) -> Any:
-    if loss is None or isinstance(loss, keras.losses.Loss):
-        return loss
-    if isinstance(loss, str):
-        try:
-            loss = keras.losses.get(loss)
-        except ValueError as error:
-            raise ConfigError(
-                f"loss={loss!r} is not a Keras loss name; use e.g. 'mse', "
-                "'categorical_crossentropy', 'sparse_categorical_crossentropy', or a callable."
-            ) from error
-        if isinstance(loss, keras.losses.Loss):
-            return loss
-    if callable(loss):
-        # The wrapper reduces per-example values to the mean over the batch (sample weights
-        # included), as Keras's own losses do.
-        return LossFunction(loss)
-    raise ConfigError(f"loss must be a name, a keras Loss or a callable, got {loss!r}.")
+def _hide_batch_dimension(y_pred: Nested) -> Nested:
+    if tf.executing_eagerly():
+        return y_pred
+
+    def hide(t: Any) -> Any:
+        if not tf.is_tensor(t) or t.shape.rank in (None, 0):
+            return t
+        return tf.compat.v1.placeholder_with_default(t, [None, *t.shape[1:]])
+
+    return tf.nest.map_structure(hide, y_pred)
 
 
-class LossFunction(keras.losses.Loss):  # type: ignore[misc]
-    """Wraps ``fn(y_true, y_pred)``; Keras's ``Loss.__call__`` applies sample weights and the
-    mean over the batch, so per-example and already-reduced functions both work."""
-
-    def __init__(self, fn: Any) -> None:
-        super().__init__(name=getattr(fn, "__name__", "loss"))
-        self.fn = fn
-
-    def call(self, y_true: Any, y_pred: Any) -> Any:
-        return user_code(self.fn)(y_true, y_pred)
-
-
-def validate_metric_specs(metrics: Any) -> list[Any]:
-    if isinstance(metrics, (str, keras.metrics.Metric)) or callable(metrics):
-        metrics = [metrics]
-    specs = list(metrics)
-    for spec in specs:
-        if isinstance(spec, str):
-            if spec in ("accuracy", "acc"):
-                continue
+def _check_names(loss: Any, metrics: Any, weighted_metrics: Any) -> None:
+    """Names Keras does not know are a ConfigError now, not an error at the first batch."""
+    for leaf in tf.nest.flatten(loss) if loss is not None else []:
+        if isinstance(leaf, str):
             try:
-                keras.metrics.get(spec)
+                keras.losses.get(leaf)
             except ValueError as error:
                 raise ConfigError(
-                    f"metrics: {spec!r} is not a Keras metric name; use e.g. 'accuracy', "
-                    "'mae', 'mse', or pass a keras.metrics.Metric."
+                    f"loss={leaf!r} is not a Keras loss name; use e.g. 'mse', "
+                    "'categorical_crossentropy', 'sparse_categorical_crossentropy', or a "
+                    "callable."
                 ) from error
-        elif not (isinstance(spec, keras.metrics.Metric) or callable(spec)):
-            raise ConfigError(
-                f"metrics: {spec!r} is neither a metric name, a keras.metrics.Metric nor a "
-                "callable(y_true, y_pred)."
-            )
-    return specs
-
-
-def resolve_metric(spec: Any, y: Nested, y_pred: Nested) -> keras.metrics.Metric:
-    if isinstance(spec, keras.metrics.Metric):
-        return spec
-    if isinstance(spec, str) and spec in ("accuracy", "acc"):
-        return _accuracy(spec, y, y_pred)
-    if isinstance(spec, str):
-        metric = keras.metrics.get(spec)
-        if isinstance(metric, keras.metrics.Metric):
-            metric.name = spec
-            return metric
-        spec = metric
-    return keras.metrics.MeanMetricWrapper(spec, name=getattr(spec, "__name__", "metric"))
-
-
-def _accuracy(name: str, y: Nested, y_pred: Nested) -> keras.metrics.Metric:
-    """Picks binary, sparse or categorical accuracy from the shapes, as Keras does."""
-    y_true_shape = tuple(tf.nest.flatten(y)[0].shape) if y is not None else ()
-    y_pred_shape = tuple(tf.nest.flatten(y_pred)[0].shape)
-    if y_pred_shape[-1:] == (1,) or len(y_pred_shape) == 1:
-        return keras.metrics.BinaryAccuracy(name=name)
-    if len(y_true_shape) < len(y_pred_shape) or (
-        y_true_shape[-1:] == (1,) and y_pred_shape[-1] != 1
-    ):
-        return keras.metrics.SparseCategoricalAccuracy(name=name)
-    return keras.metrics.CategoricalAccuracy(name=name)
+        elif leaf is not None and not callable(leaf):
+            raise ConfigError(f"loss must be a name, a keras Loss or a callable, got {leaf!r}.")
+    for argument, value in (("metrics", metrics), ("weighted_metrics", weighted_metrics)):
+        if value is not None:
+            leaves = [v for v in tf.nest.flatten(value) if v is not None]
+            validate_metric_specs(leaves, argument)

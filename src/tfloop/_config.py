@@ -6,35 +6,105 @@ argument and the fix (see docs/errors.md).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import random
 import weakref
-from collections.abc import Iterable
 from typing import Any, Literal
 
 import keras
 import tensorflow as tf
 
-from tfloop import _distribute
+from tfloop import _distribute, _validate
 from tfloop._update import NonFinitePolicy, validate_non_finite
-from tfloop.callbacks import Callback, NonFiniteGuard
+from tfloop.accumulate import validate_steps
+from tfloop.callbacks import Callback, KerasCallbacks, NonFiniteGuard
 from tfloop.checkpoint import Checkpointer
 from tfloop.errors import ConfigError
 
 Nested = Any
 
 __all__ = [
+    "TrainerOptions",
     "auto_jit_compile",
     "jit_choice",
+    "options",
     "resolve_checkpoint",
     "resolve_non_finite",
-    "resolve_optimizer",
     "validate_callbacks",
     "validate_jit_compile",
     "validate_steps_per_execution",
 ]
 
 logger = logging.getLogger("tfloop")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerOptions:
+    """The Trainer's validated constructor arguments (besides the model and what
+    ``Model.compile`` takes)."""
+
+    strategy: tf.distribute.Strategy | None
+    accumulate_steps: int
+    drop_remainder: bool
+    steps_per_execution: int | Literal["auto"]
+    jit_compile: bool | Literal["auto"]
+    run_eagerly: bool
+    clip_global_norm: float | None
+    callbacks: list[Callback]
+    checkpoint: Checkpointer | None
+    seed: int | None
+    non_finite: NonFinitePolicy
+    data_seed: int  # the array shuffle's seed: ``seed``, or a random one
+
+    def attributes(self) -> dict[str, Any]:
+        """The Trainer's public attributes among these."""
+        hidden = ("non_finite", "data_seed")
+        return {
+            field.name: getattr(self, field.name)
+            for field in dataclasses.fields(self)
+            if field.name not in hidden
+        }
+
+
+def options(
+    model: Any,
+    *,
+    accumulate_steps: Any,
+    drop_remainder: Any,
+    steps_per_execution: Any,
+    jit_compile: Any,
+    run_eagerly: Any,
+    clip_global_norm: Any,
+    non_finite: Any,
+    callbacks: Any,
+    checkpoint: Any,
+    strategy: Any,
+    seed: Any,
+) -> TrainerOptions:
+    """Checks every constructor argument; each error names the argument and the fix."""
+    if not hasattr(model, "trainable_variables"):
+        raise ConfigError(
+            f"model must be a keras.Model or a tf.Module owning tf.Variables, got "
+            f"{type(model).__name__}."
+        )
+    callbacks = validate_callbacks(callbacks)
+    seed = None if seed is None else _validate.count(seed, "seed")
+    return TrainerOptions(
+        strategy=_distribute.validate(strategy),
+        accumulate_steps=validate_steps(accumulate_steps, "accumulate_steps"),
+        drop_remainder=_validate.boolean(drop_remainder, "drop_remainder"),
+        steps_per_execution=validate_steps_per_execution(steps_per_execution),
+        jit_compile=validate_jit_compile(jit_compile),
+        run_eagerly=_validate.boolean(run_eagerly, "run_eagerly"),
+        clip_global_norm=_validate.optional_number(clip_global_norm, "clip_global_norm"),
+        callbacks=callbacks,
+        checkpoint=resolve_checkpoint(checkpoint),
+        seed=seed,
+        non_finite=resolve_non_finite(non_finite, callbacks),
+        data_seed=seed if seed is not None else random.SystemRandom().randrange(2**31),
+    )
 
 
 def resolve_checkpoint(checkpoint: Any) -> Checkpointer | None:
@@ -44,22 +114,6 @@ def resolve_checkpoint(checkpoint: Any) -> Checkpointer | None:
         return Checkpointer(checkpoint)
     raise ConfigError(
         f"checkpoint must be a directory path, a tfloop.Checkpointer or None, got {checkpoint!r}."
-    )
-
-
-def resolve_optimizer(optimizer: Any) -> keras.optimizers.Optimizer:
-    if isinstance(optimizer, keras.optimizers.Optimizer):
-        return optimizer
-    if isinstance(optimizer, str):
-        try:
-            return keras.optimizers.get(optimizer)
-        except ValueError as error:
-            raise ConfigError(
-                f"optimizer={optimizer!r} is not a Keras optimizer name; use e.g. 'adam', "
-                "'sgd', 'rmsprop', 'adamw', or pass a keras.optimizers.Optimizer."
-            ) from error
-    raise ConfigError(
-        f"optimizer must be a name or a keras.optimizers.Optimizer, got {type(optimizer).__name__}."
     )
 
 
@@ -150,22 +204,23 @@ def jit_choice(
     return bool(jit_compile), False
 
 
-def validate_callbacks(callbacks: Iterable[Any] | Callback | None) -> list[Callback]:
+def validate_callbacks(callbacks: Any) -> list[Callback]:
+    """``callbacks`` as a list of tfloop callbacks; Keras callbacks are run through
+    :class:`~tfloop.callbacks.KerasCallbacks` (each keeps its place in the order)."""
     if callbacks is None:
         return []
-    if isinstance(callbacks, Callback):
+    if isinstance(callbacks, (Callback, keras.callbacks.Callback)):
         callbacks = [callbacks]
-    result = list(callbacks)
-    for callback in result:
+    result: list[Callback] = []
+    for callback in callbacks:
         if isinstance(callback, keras.callbacks.Callback):
-            raise ConfigError(
-                f"callbacks: {type(callback).__name__} is a Keras callback; wrap Keras callbacks "
-                "in tfloop.callbacks.KerasCallbacks([...]), or subclass tfloop.Callback."
-            )
+            callback = KerasCallbacks([callback])
         if not isinstance(callback, Callback):
             raise ConfigError(
-                f"callbacks: {callback!r} is not a tfloop.Callback; subclass tfloop.Callback."
+                f"callbacks: {callback!r} is neither a tfloop.Callback nor a Keras callback; "
+                "subclass tfloop.Callback."
             )
+        result.append(callback)
     return result
 
 

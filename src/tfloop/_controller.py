@@ -49,6 +49,7 @@ class FitHooks:
     """What the controller runs, handed over by the Trainer (Orbit's runner)."""
 
     build: Callable[[Nested], None]  # builds everything training needs, on one batch
+    check_data: Callable[[DataSource], None]  # checks a whole input, after the build
     train_loop: Callable[[], Callable[..., Any]]  # the compiled train loop (after build)
     evaluate: Callable[[DataSource, CallbackList], dict[str, float]]  # a validation pass
     results: Callable[[], Mapping[str, Any]]  # metric results and counters, read eagerly
@@ -144,6 +145,9 @@ class Controller:
             raise DataError("data yielded no batches; pass a non-empty dataset.")
         with self.hooks.scope():
             self.hooks.build(first)
+        self.hooks.check_data(source)
+        if self.plan.validation is not None:
+            self.hooks.check_data(self.plan.validation)
         if checkpointer is not None:
             checkpointer.bind(self.hooks.checkpoint_objects(), self.hooks.strategy)
             checkpointer.bind_monitor(self.trainer)
@@ -252,7 +256,7 @@ class Controller:
     def _end_epoch(self, logs: dict[str, float]) -> None:
         """Validation (every ``validation_freq`` epochs), ``on_epoch_end``, the epoch's save."""
         plan, checkpointer, epoch = self.plan, self.checkpointer, self.epoch
-        if plan.validation is not None and (epoch + 1) % plan.validation_freq == 0:
+        if plan.validation is not None and plan.validates_after(epoch):
             here = (self.epoch, self.batch, self.step)
             if self.last_validation is not None and self.last_validation[0] == here:
                 results = self.last_validation[1]  # validated at this very update already

@@ -1,4 +1,11 @@
-"""``fit``'s arguments, validated and turned into a :class:`FitPlan` before anything runs."""
+"""``fit``'s arguments, validated and turned into a :class:`FitPlan` before anything runs.
+
+``fit`` takes Keras's arguments with Keras's meaning (docs/coming-from-keras.md): ``x`` and
+``y`` (or ``x`` alone: a dataset, a PyDataset, a generator, an ``(x, y)`` tuple),
+``validation_split`` (the last fraction of the arrays, before shuffling), ``class_weight``,
+``sample_weight``, ``validation_steps``, ``validation_batch_size``, ``validation_freq`` (an
+int, or the list of 1-based epochs to validate after).
+"""
 
 from __future__ import annotations
 
@@ -7,15 +14,17 @@ import datetime
 import math
 import numbers
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
+
+import numpy as np
 
 from tfloop import _validate
 from tfloop import data as data_lib
 from tfloop.data import DataSource
 from tfloop.errors import ConfigError
 
-__all__ = ["Duration", "FitPlan", "plan_fit"]
+__all__ = ["Duration", "FitPlan", "as_data", "plan_fit"]
 
 Duration = float | datetime.timedelta
 """A time budget: seconds, or a ``datetime.timedelta``."""
@@ -30,7 +39,7 @@ class FitPlan:
     epochs: int
     initial_epoch: int
     steps_per_epoch: int | None  # as the user gave it
-    validation_freq: int
+    validation_freq: int | Sequence[int]  # every n-th epoch, or these 1-based epochs
     verbose: int
     data_seed: int  # the array shuffle's seed (a resume restores the run's own)
     validation_every_n_steps: int | None = None
@@ -44,20 +53,53 @@ class FitPlan:
         every epoch (as in Keras), so an infinite or long dataset goes on where it was."""
         return self.steps_per_epoch is not None and not self.source.indexed
 
+    def validates_after(self, epoch: int) -> bool:
+        """Whether the (0-based) ``epoch`` ends with a validation pass."""
+        if self.validation is None:
+            return False
+        if isinstance(self.validation_freq, int):
+            return (epoch + 1) % self.validation_freq == 0
+        return epoch + 1 in self.validation_freq
+
+
+def as_data(x: Any, y: Any = None, sample_weight: Any = None, argument: str = "x") -> Any:
+    """One input from Keras's ``x, y, sample_weight``: ``(x, y[, sample_weight])`` for arrays,
+    ``x`` itself for a dataset, a PyDataset, a generator or an ``(x, y)`` tuple."""
+    if isinstance(y, (bool, int, float)) and not isinstance(y, np.ndarray):
+        raise ConfigError(
+            f"y={y!r} is not an array of targets. fit, evaluate and predict take Keras's order, "
+            "fit(x, y, batch_size, epochs, ...): pass epochs=... (and the others) by name, or "
+            "pass the data as one (x, y) tuple."
+        )
+    if y is None and sample_weight is None:
+        return x
+    if data_lib.is_batched_input(x):
+        raise ConfigError(
+            f"y or sample_weight was given with a {type(x).__name__} as {argument}; such an "
+            "input yields (x, y[, sample_weight]) batches itself. Drop y and sample_weight."
+        )
+    return (x, y) if sample_weight is None else (x, y, sample_weight)
+
 
 def plan_fit(
-    data: Any,
-    *,
-    epochs: Any,
-    steps_per_epoch: Any,
-    validation_data: Any,
-    validation_freq: Any,
-    initial_epoch: Any,
-    batch_size: Any,
-    shuffle: Any,
-    verbose: Any,
     steps_per_execution: int | str,
     data_seed: int,
+    *,
+    x: Any,
+    y: Any,
+    batch_size: Any,
+    epochs: Any,
+    verbose: Any,
+    validation_split: Any,
+    validation_data: Any,
+    shuffle: Any,
+    class_weight: Any,
+    sample_weight: Any,
+    initial_epoch: Any,
+    steps_per_epoch: Any,
+    validation_steps: Any,
+    validation_batch_size: Any,
+    validation_freq: Any,
     validation_every_n_steps: Any = None,
     max_steps: Any = None,
     max_time: Any = None,
@@ -65,12 +107,27 @@ def plan_fit(
 ) -> FitPlan:
     """Checks every argument of ``fit`` and adapts its inputs; raises before anything runs."""
     epochs = _validate.count(epochs, "epochs", minimum=1)
-    steps_per_epoch = _validate.optional_count(steps_per_epoch, "steps_per_epoch")
-    validation_freq = _validate.count(validation_freq, "validation_freq", minimum=1)
     initial_epoch = _validate.count(initial_epoch or 0, "initial_epoch", minimum=0)
+    if initial_epoch > epochs:
+        raise ConfigError(
+            f"initial_epoch={initial_epoch} is past epochs={epochs}: epochs is the epoch to "
+            "stop at, counted from 0 (as in Keras), so nothing would train. Raise epochs."
+        )
+    steps_per_epoch = _validate.optional_count(steps_per_epoch, "steps_per_epoch")
+    validation_freq = _validation_freq(validation_freq)
     every = _validate.optional_count(validation_every_n_steps, "validation_every_n_steps")
     max_steps = _validate.optional_count(max_steps, "max_steps")
     seconds = _seconds(max_time)
+    verbose = _verbose(verbose)
+    shuffle = _validate.boolean(shuffle, "shuffle")
+    data = as_data(x, y, sample_weight)
+    validation_split = _validate.number(validation_split, "validation_split")
+    if validation_split:
+        split = data_lib.split_for_validation(data, validation_split)  # type: ignore[attr-defined]
+        data = split[0]
+        if validation_data is None:
+            validation_data = split[1]
+    extra = {} if class_weight is None else {"class_weight": class_weight}
     source = data_lib.adapt(
         data,
         batch_size=batch_size,
@@ -79,6 +136,8 @@ def plan_fit(
         steps_argument="steps_per_epoch",
         shuffle=shuffle,
         seed=data_seed,
+        argument="x",
+        **extra,
     )
     if source.indexed and (steps_per_epoch or 0) > (source.steps_per_epoch or 0):
         raise ConfigError(
@@ -90,8 +149,9 @@ def plan_fit(
     if validation_data is not None:
         validation = data_lib.adapt(
             validation_data,
-            batch_size=batch_size,
+            batch_size=validation_batch_size or batch_size,
             steps_per_execution=steps_per_execution,
+            steps=_validate.optional_count(validation_steps, "validation_steps"),
             steps_argument="validation_steps",
             shuffle=False,
             argument="validation_data",
@@ -99,7 +159,7 @@ def plan_fit(
     if every is not None and validation is None:
         raise ConfigError(
             f"validation_every_n_steps={every} needs validation data to evaluate; pass "
-            "validation_data=... to fit, or drop validation_every_n_steps."
+            "validation_data=... (or validation_split) to fit, or drop validation_every_n_steps."
         )
     return FitPlan(
         source=source,
@@ -132,3 +192,23 @@ def _seconds(max_time: Any) -> float | None:
     raise ConfigError(
         f"max_time must be a positive number of seconds or a datetime.timedelta, got {max_time!r}."
     )
+
+
+def _validation_freq(value: Any) -> int | tuple[int, ...]:
+    if isinstance(value, (list, tuple, set)):
+        epochs = tuple(sorted(_validate.count(v, "validation_freq", minimum=1) for v in value))
+        if not epochs:
+            raise ConfigError("validation_freq is an empty list; pass 1-based epochs, or an int.")
+        return epochs
+    return _validate.count(value, "validation_freq", minimum=1)
+
+
+def _verbose(value: Any) -> int:
+    if value == "auto":
+        return 1
+    if not isinstance(value, (int, np.integer)) or value not in (0, 1, 2):
+        raise ConfigError(
+            f"verbose must be 0 (silent), 1 (progress), 2 (one line per epoch) or 'auto', got "
+            f"{value!r}."
+        )
+    return int(value)

@@ -22,11 +22,15 @@ import numpy as np
 __all__ = [
     "BATCH",
     "COUNTERS",
+    "INTERNAL",
+    "LOSS_COUNT",
     "NON_FINITE_STEPS",
     "STEP",
     "WINDOW",
+    "as_list",
     "floats",
     "format_logs",
+    "metric_results",
     "without",
 ]
 
@@ -39,10 +43,52 @@ WINDOW = "_window"
 COUNTERS = (STEP, BATCH)
 """Counters in batch logs: not metrics, not curves."""
 
+LOSS_COUNT = "_loss_count"
+"""What the ``loss`` tracker counted: a ``loss`` nothing measured (a ``train_step`` override
+that returns its own values) is left out of the logs."""
+
+INTERNAL = (STEP, WINDOW, NON_FINITE_STEPS)
+"""What a loop's results carry besides the metrics."""
+
+
+def metric_results(metrics: Iterable[Any]) -> dict[str, Any]:
+    """Each metric's result by name; a metric whose result is a dict (Keras's compiled
+    metrics: ``<output>_<metric>``) adds its entries. A metric not built yet (a compiled
+    metric nothing updated) has no result."""
+    results: dict[str, Any] = {}
+    for metric in metrics:
+        if not getattr(metric, "built", True):
+            continue
+        result = metric.result()
+        if isinstance(result, dict):
+            results.update(result)
+        else:
+            results[metric.name] = result
+    return results
+
+
+def as_list(logs: Mapping[str, float]) -> Any:
+    """Keras's ``return_dict=False`` form: the loss, then the per-output losses (in their
+    order), then the other values in sorted order; the loss alone if there is nothing else.
+
+    Examples:
+        >>> as_list({"loss": 1.0, "b_loss": 0.5, "a_loss": 0.5, "a_mae": 0.1, "a_acc": 0.9})
+        [1.0, 0.5, 0.5, 0.9, 0.1]
+    """
+    losses = [key for key in logs if key == "loss" or key.endswith("_loss")]
+    losses.sort(key=lambda key: key != "loss")
+    others = sorted(key for key in logs if key not in losses)
+    values = [logs[key] for key in [*losses, *others]]
+    return values[0] if len(values) == 1 else values
+
 
 def floats(values: Mapping[str, Any]) -> dict[str, float]:
-    """Each value as a float; a step method's non-scalar value logs its mean."""
-    return {name: float(np.asarray(value).mean()) for name, value in values.items()}
+    """Each value as a float (a step method's non-scalar value logs its mean), in sorted key
+    order, as Keras gives logs to callbacks; ``loss`` only if something measured it."""
+    logs = {name: float(np.asarray(values[name]).mean()) for name in sorted(values)}
+    if logs.pop(LOSS_COUNT, 1.0) == 0.0:
+        logs.pop("loss", None)
+    return logs
 
 
 def without(logs: Mapping[str, Any], names: Iterable[str]) -> dict[str, Any]:

@@ -32,7 +32,7 @@ import tensorflow as tf
 from tfloop import _distribute
 from tfloop._autograph import user_code
 from tfloop._validate import first_line
-from tfloop.errors import WorkerError
+from tfloop.errors import TfloopError, WorkerError
 
 __all__ = ["CompiledLoop", "LoopSpec", "UpdateWindow"]
 
@@ -99,6 +99,7 @@ class LoopSpec:
     strategy: tf.distribute.Strategy | None = None
     jit: bool = True  # XLA for the loop (for each replica's step, under a strategy)
     jit_fallback: bool = False  # if XLA cannot compile, log why and run without it
+    eager: bool = False  # run the steps eagerly, in Python (a debugging mode)
 
 
 class CompiledLoop:
@@ -120,6 +121,19 @@ class CompiledLoop:
         return self.spec.kind
 
     def __call__(self, superbatch: Nested, start: int, stop: int, *extra: int) -> Any:
+        try:
+            return self._run(superbatch, start, stop, *extra)
+        except TfloopError:
+            raise
+        except Exception as error:
+            # A tfloop error raised while tracing a step (a check of what a step method
+            # returned) reaches here wrapped by AutoGraph: raise it as it was.
+            original = _tfloop_error(error)
+            if original is None:
+                raise
+            raise original from None
+
+    def _run(self, superbatch: Nested, start: int, stop: int, *extra: int) -> Any:
         if self._function is None:
             self._function = _build(self.spec, self.jit)
         bounds = (tf.constant(start, tf.int32), tf.constant(stop, tf.int32))
@@ -144,6 +158,8 @@ class CompiledLoop:
                     "Checkpoints already written are intact: restart every worker with the "
                     "same command to resume from the latest one."
                 ) from error
+        if self.spec.eager:
+            return self._function(superbatch, *bounds, *extras)
         try:
             return self._call(superbatch, *bounds, *extras)
         except _XLA_ERRORS as error:
@@ -195,9 +211,21 @@ class CompiledLoop:
     @property
     def tracing_count(self) -> int:
         """How many times the function was traced (one per distinct superbatch shape)."""
-        if self._function is None:
+        if self._function is None or self.spec.eager:
             return 0
         return int(self._function.experimental_get_tracing_count())
+
+
+def _tfloop_error(error: BaseException) -> TfloopError | None:
+    """The tfloop error an exception wraps (AutoGraph keeps it as the context), if any."""
+    seen = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, TfloopError):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def _peer_reason(error: BaseException) -> str:
@@ -286,7 +314,17 @@ class _Runner:
         return _distribute.first_local(self.strategy, data)
 
     def logs_spec(self, data: Nested) -> Nested | None:
-        return self.output_spec(data) if self.spec.returns_logs else None
+        """The structure of the step's logs, traced; None when they are not kept (eagerly,
+        what a step returns is kept as it comes)."""
+        if self.spec.eager or not self.spec.returns_logs:
+            return None
+        return self.output_spec(data)
+
+    def keeps(self, logs_spec: Nested | None, outputs: Any) -> bool:
+        """Whether ``outputs`` of a step become the loop's step logs."""
+        if self.spec.eager:
+            return self.spec.returns_logs and outputs is not None
+        return logs_spec is not None
 
     def run(self, data: Nested, i: tf.Tensor) -> Any:
         """Step ``i``; under a strategy, its outputs averaged over the replicas."""
@@ -318,15 +356,19 @@ class _Runner:
 
 
 def _build(spec: LoopSpec, jit: bool) -> Any:
+    if spec.eager:
+        jit = False
     runner = _Runner(spec, jit)
     loop_jit = jit and spec.strategy is None
     if spec.kind == "predict":
-        return tf.function(_predict_body(runner), jit_compile=loop_jit)
+        body = _predict_body(runner)
     # Staged windows need a loop of their own; under a strategy the window is closed after
     # each step, in cross-replica context, without staging.
-    if spec.kind == "train" and spec.window is not None and spec.strategy is None:
-        return tf.function(_windowed_body(runner, spec, loop_jit), jit_compile=loop_jit)
-    return tf.function(_steps_body(runner, spec), jit_compile=loop_jit)
+    elif spec.kind == "train" and spec.window is not None and spec.strategy is None:
+        body = _windowed_body(runner, spec, loop_jit)
+    else:
+        body = _steps_body(runner, spec)
+    return body if spec.eager else tf.function(body, jit_compile=loop_jit)
 
 
 def _steps_body(runner: _Runner, spec: LoopSpec) -> Callable[..., Any]:
@@ -343,7 +385,7 @@ def _steps_body(runner: _Runner, spec: LoopSpec) -> Callable[..., Any]:
             outputs = runner.run(data, i)
             if window is not None:
                 window.close(tf.equal(i, flush[0]))
-            if logs_spec is not None:
+            if runner.keeps(logs_spec, outputs):
                 step_logs = outputs
             i += 1
         return results(), step_logs
@@ -387,7 +429,7 @@ def _windowed_body(runner: _Runner, spec: LoopSpec, jit: bool) -> Callable[..., 
                 window.stage(state)
                 outputs = runner.run(data, i)
                 state = window.unstage()
-                if logs_spec is not None:
+                if runner.keeps(logs_spec, outputs):
                     step_logs = outputs
                 i += 1
             window.stage(state)
@@ -401,6 +443,8 @@ def _windowed_body(runner: _Runner, spec: LoopSpec, jit: bool) -> Callable[..., 
 
 def _predict_body(runner: _Runner) -> Callable[..., Any]:
     def predict_steps(data: Nested, start: tf.Tensor, stop: tf.Tensor, *batch: tf.Tensor) -> Any:
+        if runner.spec.eager:
+            return _eager_predict(runner, data, int(start), int(stop))
         spec = runner.output_spec(data)
         local = data if runner.strategy is None else runner.first_local(data)
         steps = int(tf.nest.flatten(local)[0].shape[0])
@@ -427,3 +471,18 @@ def _predict_body(runner: _Runner) -> Callable[..., Any]:
         return buffers
 
     return predict_steps
+
+
+def _eager_predict(runner: _Runner, data: Nested, start: int, stop: int) -> Nested:
+    """The predict loop run eagerly: the outputs of steps ``start..stop-1`` in ``[K, ...]``
+    buffers (other rows zero), as the compiled loop returns them."""
+    local = data if runner.strategy is None else runner.first_local(data)
+    steps = int(tf.nest.flatten(local)[0].shape[0])
+    outputs = [runner.predict(data, tf.constant(i)) for i in range(start, stop)]
+
+    def stack(*rows: tf.Tensor) -> tf.Tensor:
+        stacked = tf.stack(rows)
+        padding = [[start, steps - stop]] + [[0, 0]] * (stacked.shape.rank - 1)
+        return tf.pad(stacked, padding)
+
+    return tf.nest.map_structure(stack, *outputs)

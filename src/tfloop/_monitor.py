@@ -13,7 +13,7 @@ from typing import Any, Literal
 from tfloop import _validate
 from tfloop.errors import ConfigError
 
-__all__ = ["Mode", "Monitor"]
+__all__ = ["Mode", "Monitor", "flat_metrics"]
 
 Mode = Literal["auto", "min", "max"]
 
@@ -67,7 +67,7 @@ class Monitor:
                 "no validation_data. Pass validation_data=... to fit, or monitor a training key "
                 f"such as {self.monitor.removeprefix('val_')!r}."
             )
-        names = {getattr(metric, "name", None) for metric in trainer.metrics}
+        names = {getattr(metric, "name", None) for metric in flat_metrics(trainer.metrics)}
         if self._direction is None and self.monitor.removeprefix("val_") in names:
             self.direction()
 
@@ -108,11 +108,21 @@ class Monitor:
         return current > best + self.min_delta
 
 
+def flat_metrics(metrics: list[Any]) -> list[Any]:
+    """``metrics`` with Keras's compiled-metrics containers opened (as Keras's own monitor
+    callbacks look into them)."""
+    flat = []
+    for metric in metrics:
+        inner = getattr(metric, "metrics", None)
+        flat.extend(inner if isinstance(inner, list) and inner else [metric])
+    return flat
+
+
 def _infer_direction(owner: str, monitor: str, trainer: Any) -> Literal["min", "max"]:
     name = monitor.removeprefix("val_")
     if name == "loss" or name.endswith("_loss"):
         return "min"
-    for metric in getattr(trainer, "metrics", None) or []:
+    for metric in flat_metrics(getattr(trainer, "metrics", None) or []):
         direction = getattr(metric, "_direction", None)
         if getattr(metric, "name", None) == name and direction in ("up", "down"):
             return "max" if direction == "up" else "min"

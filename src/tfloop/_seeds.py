@@ -1,4 +1,9 @@
-"""Seeds of a model: reproducible initial weights, and Dropout's random state."""
+"""Seeds of a model: Dropout's (and other noise layers') random state.
+
+The initial weights are not among them: a Keras initializer draws its seed when the layer is
+constructed, so ``keras.utils.set_random_seed(seed)`` before creating the model is what makes
+them reproducible.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +12,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-__all__ = ["reseed_generators", "seed_generator_states", "seed_unbuilt_model"]
-
-
-def seed_unbuilt_model(model: Any, seed: int | None) -> None:
-    """Seeds Keras's global RNG before an unbuilt model builds (draws its initial weights)."""
-    if seed is not None and not getattr(model, "built", True):
-        keras.utils.set_random_seed(seed)
+__all__ = ["reseed_generators", "seed_generator_states"]
 
 
 def seed_generator_states(model: Any) -> list[Any]:

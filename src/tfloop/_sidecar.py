@@ -38,7 +38,8 @@ class Evaluates(Protocol):
     model: Any
     optimizer: Any
 
-    def evaluate(self, data: Any, steps: int | None = None) -> dict[str, float]: ...
+    def evaluate(self, x: Any = None, *, steps: int | None = None, return_dict: bool = True) -> Any:
+        """``Trainer.evaluate``."""
 
 
 def evaluate_checkpoints(
@@ -52,7 +53,8 @@ def evaluate_checkpoints(
     """Evaluates every checkpoint of ``directory`` in order, then each new one as it appears.
 
     Yields ``(step, logs)``: the update count the checkpoint was saved at and
-    ``trainer.evaluate(data, steps=steps)`` with its model. First the checkpoints already
+    ``trainer.evaluate(data, steps=steps)`` with its model (``data`` as ``evaluate``'s ``x``:
+    arrays as ``(x, y)``, a dataset, ...). First the checkpoints already
     there, oldest first, then each one written after (TensorFlow's
     ``tf.train.checkpoints_iterator``), until ``timeout`` seconds pass without a new one
     (``None``: wait forever). Only checkpoints the ``checkpoint`` index names are read (the
@@ -95,7 +97,7 @@ def evaluate_checkpoints(
             last = number
             step = _restore_model(trainer, path)
             if step is not None:
-                yield step, trainer.evaluate(data, steps=steps)
+                yield step, trainer.evaluate(data, steps=steps, return_dict=True)
 
 
 def _restore_model(trainer: Evaluates, path: str) -> int | None:

@@ -10,67 +10,72 @@ compiled loop (``_loops.py``) and the superbatches of ``steps_per_execution`` ba
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import keras
 import tensorflow as tf
 
-from tfloop import _checks, _config, _distribute, _seeds, _validate
+from tfloop import _checks, _config, _distribute, _seeds
 from tfloop import data as data_lib
 from tfloop._autograph import user_code
-from tfloop._compile import LossAndMetrics
-from tfloop._controller import Controller, FitHooks, run_evaluation
+from tfloop._compile import compile_model
+from tfloop._controller import Controller
+from tfloop._engine import Engine, StepMethods
 from tfloop._export import export_model
-from tfloop._fit_args import Duration, plan_fit
-from tfloop._loops import CompiledLoop, LoopSpec
+from tfloop._fit_args import Duration, as_data, plan_fit
+from tfloop._logs import as_list
 from tfloop._update import NonFinitePolicy, UpdateRule
-from tfloop.accumulate import validate_steps
-from tfloop.callbacks import Callback, CallbackList, History, ProgressBar, RunInfo
-from tfloop.errors import ConfigError
+from tfloop.callbacks import CallbackList, History, ProgressBar, RunInfo
 
 __all__ = ["Trainer"]
 
 Nested = Any
+Kind = Literal["train", "test", "predict"]
 
 
 class Trainer:
     """Trains a Keras model (or a ``tf.Module``) with a compiled, fused multi-step loop.
 
+    A compiled Keras model brings its optimizer, loss, ``loss_weights``, metrics and
+    ``weighted_metrics``; the arguments here replace those parts (``Model.compile`` accepts
+    the same), and the model is compiled with the result.
+
     Args:
-        model: a ``keras.Model``, or any ``tf.Module`` owning ``tf.Variable`` s (then override
-            ``compute_loss``).
-        optimizer: a Keras optimizer or its name (``"adam"``, ``"sgd"``, ...).
-        loss: a Keras loss, its name, or ``callable(y_true, y_pred)`` returning per-example or
-            mean losses. Not needed when ``compute_loss`` is overridden.
-        metrics: Keras metrics or their names (``"accuracy"`` picks the right accuracy for the
-            loss and label shapes, as in Keras).
+        model: a ``keras.Model``, or any ``tf.Module`` owning ``tf.Variable`` s (then give a
+            single ``loss`` or override ``compute_loss``).
+        optimizer: a Keras optimizer or its name; default: the compiled model's, else Adam.
+        loss: a Keras loss, its name, ``callable(y_true, y_pred)``, or a dict / list of them
+            per output, as in ``Model.compile``. Not needed when ``compute_loss`` is overridden.
+        metrics: metrics or their names, or a dict / list of them per output, as in
+            ``Model.compile`` (``"accuracy"`` picks the right accuracy for the shapes).
+        loss_weights: the coefficient of each output's loss, as in ``Model.compile``.
+        weighted_metrics: metrics weighted by ``sample_weight`` / ``class_weight``.
         accumulate_steps: micro-batches per optimizer update; the update is the exact mean
             gradient of the window, weighted by example count (see ``GradientAccumulator``).
         drop_remainder: with ``accumulate_steps > 1``, discard the partial last window of each
-            epoch (fewer than ``accumulate_steps`` micro-batches) instead of applying it with
-            its own total. Its examples still count in the epoch's loss and metrics.
+            epoch instead of applying it with its own total (its examples still count in the
+            epoch's loss and metrics).
         steps_per_execution: batches run per compiled call; ``"auto"`` picks a fast value from
             the steps per epoch and the size of a batch (64, up to 1024 for small batches).
         jit_compile: XLA on (``True``), off (``False``), or ``"auto"``: on, falling back to the
             plain graph with a logged reason if XLA cannot compile the step.
+        run_eagerly: run every step eagerly, in Python (``print``, ``pdb``, ``.numpy()``
+            work): a debugging mode, much slower, with the same results.
         clip_global_norm: clip the (accumulated) gradient to this global norm before applying.
         non_finite: what an update with a NaN or Inf loss or gradient does: ``"ignore"``
             (applied as it is, the fastest), ``"skip"`` (dropped in-graph and counted in
             ``non_finite_steps``) or ``"raise"`` (dropped, and ``fit`` raises). A
             ``NonFiniteGuard`` in ``callbacks`` sets it and adds its messages.
-        callbacks: ``tfloop.Callback`` s.
+        callbacks: ``tfloop.Callback`` s (Keras callbacks are run through ``KerasCallbacks``).
         checkpoint: a directory (checkpoints every epoch, resume from the latest) or a
             ``tfloop.Checkpointer``; ``None`` saves nothing.
-        strategy: a ``tf.distribute.Strategy`` (``MirroredStrategy``,
-            ``MultiWorkerMirroredStrategy``, ``TPUStrategy``, ...). Create the model (and an
-            optimizer instance, if you pass one) inside ``strategy.scope()``. Batches are
-            *global*: each step's batch is split across the replicas. ``None`` runs on the
-            default device.
-        seed: makes shuffling, dropout and the initialisation of an unbuilt model reproducible.
+        strategy: a ``tf.distribute.Strategy``. Create the model (and an optimizer instance,
+            if you pass one) inside ``strategy.scope()``. Batches are *global*: each step's
+            batch is split across the replicas. ``None`` runs on the default device.
+        seed: makes the shuffle of arrays and Dropout reproducible. A model's initial weights
+            are drawn when it is created: call ``keras.utils.set_random_seed(seed)`` before.
 
     Examples:
         >>> import numpy as np, keras, tfloop
@@ -78,7 +83,7 @@ class Trainer:
         >>> y = x @ np.array([[1.0], [-2.0], [0.5], [3.0]], dtype="float32")
         >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
         >>> trainer = tfloop.Trainer(model, keras.optimizers.SGD(0.1), "mse", seed=0)
-        >>> history = trainer.fit((x, y), epochs=20, verbose=0)
+        >>> history = trainer.fit(x, y, epochs=20, verbose=0)
         >>> history.history["loss"][-1] < 1e-3
         True
     """
@@ -86,61 +91,86 @@ class Trainer:
     def __init__(
         self,
         model: Any,
-        optimizer: str | keras.optimizers.Optimizer = "adam",
+        optimizer: str | keras.optimizers.Optimizer | None = None,
         loss: Any = None,
-        metrics: Sequence[Any] = (),
+        metrics: Any = None,
         *,
+        loss_weights: Any = None,
+        weighted_metrics: Any = None,
         accumulate_steps: int = 1,
         drop_remainder: bool = False,
         steps_per_execution: int | Literal["auto"] = "auto",
         jit_compile: bool | Literal["auto"] = "auto",
+        run_eagerly: bool = False,
         clip_global_norm: float | None = None,
         non_finite: NonFinitePolicy = "ignore",
-        callbacks: Iterable[Callback] | Callback | None = (),
+        callbacks: Any = (),
         checkpoint: Any = None,
         strategy: tf.distribute.Strategy | None = None,
         seed: int | None = None,
     ) -> None:
-        if not hasattr(model, "trainable_variables"):
-            raise ConfigError(
-                f"model must be a keras.Model or a tf.Module owning tf.Variables, got "
-                f"{type(model).__name__}."
-            )
-        self.strategy = _distribute.validate(strategy)
+        options = _config.options(
+            model,
+            accumulate_steps=accumulate_steps,
+            drop_remainder=drop_remainder,
+            steps_per_execution=steps_per_execution,
+            jit_compile=jit_compile,
+            run_eagerly=run_eagerly,
+            clip_global_norm=clip_global_norm,
+            non_finite=non_finite,
+            callbacks=callbacks,
+            checkpoint=checkpoint,
+            strategy=strategy,
+            seed=seed,
+        )
+        self.strategy = options.strategy
+        self.accumulate_steps = options.accumulate_steps
+        self.drop_remainder = options.drop_remainder
+        self.steps_per_execution = options.steps_per_execution
+        self.jit_compile = options.jit_compile
+        self.run_eagerly = options.run_eagerly
+        self.clip_global_norm = options.clip_global_norm
+        self.callbacks = options.callbacks
+        self.checkpoint = options.checkpoint
+        self.seed = options.seed
         self.model = model
         with self._scope():
-            self.optimizer = _config.resolve_optimizer(optimizer)
+            self.optimizer, self._compiled = compile_model(
+                model, optimizer, loss, metrics, loss_weights, weighted_metrics
+            )
+            self._update = UpdateRule(
+                self.optimizer,
+                accumulate_steps=options.accumulate_steps,
+                clip_global_norm=options.clip_global_norm,
+                non_finite=options.non_finite,
+                drop_remainder=options.drop_remainder,
+                strategy=self.strategy,
+            )
         if self.strategy is not None:
             _distribute.check_created_in_scope(self.strategy, model, self.optimizer)
-        self.accumulate_steps = validate_steps(accumulate_steps, "accumulate_steps")
-        self.drop_remainder = _validate.boolean(drop_remainder, "drop_remainder")
-        self.steps_per_execution = _config.validate_steps_per_execution(steps_per_execution)
-        self.jit_compile = _config.validate_jit_compile(jit_compile)
-        self.clip_global_norm = _validate.optional_number(clip_global_norm, "clip_global_norm")
-        self.callbacks = _config.validate_callbacks(callbacks)
-        self.checkpoint = _config.resolve_checkpoint(checkpoint)
-        self.seed = seed = _validate.optional_count(seed, "seed", minimum=0)
-        self._data_seed = seed if seed is not None else random.SystemRandom().randrange(2**31)
-        self._update = UpdateRule(
-            self.optimizer,
-            accumulate_steps=self.accumulate_steps,
-            clip_global_norm=self.clip_global_norm,
-            non_finite=_config.resolve_non_finite(non_finite, self.callbacks),
-            drop_remainder=self.drop_remainder,
-            strategy=self.strategy,
-        )
-
+        self._data_seed = options.data_seed
         self.stop_training = False
         self.preempted = False  # set by fit when a preemption signal made it save and return
         self.stop_reason: str | None = None  # why the last fit returned
         self.run_info = RunInfo()
-        with self._scope():
-            self._compiled = LossAndMetrics(loss, metrics)
-        self._loops: dict[str, CompiledLoop] = {}
-        self._dry_run = _checks.DryRun(
-            model, self._compiled, self.predict_step, self.compute_loss, self._reset_metrics, seed
+        methods = StepMethods(
+            self.train_step,
+            self.test_step,
+            self.predict_step,
+            self.compute_loss,
+            lambda: self.metrics,
+            lambda: self.trainable_variables,
+            self.checkpoint_objects,
+            frozenset(m for m in _OVERRIDABLE if _overrides(self, m)),
         )
-        self._built_training = False
+        self._engine = Engine(
+            methods,
+            model=model,
+            loss=lambda: self.loss,
+            compiled=self._compiled,
+            update=self._update,
+            options=options,
+        )
 
     def _scope(self) -> Any:
         return _distribute.scope(self.strategy)
@@ -154,7 +184,7 @@ class Trainer:
 
     @property
     def loss(self) -> Any:
-        """The loss function (a ``keras.losses.Loss``), or None."""
+        """The loss (the compiled model's, or the ``tf.Module``'s function), or None."""
         return self._compiled.loss
 
     @property
@@ -164,13 +194,13 @@ class Trainer:
 
     @property
     def compiled_metrics(self) -> list[keras.metrics.Metric]:
-        """The metrics given to the Trainer, resolved at the first batch."""
-        return self._compiled.compiled_metrics
+        """The compiled metrics (and, for a Keras model, its per-output loss trackers)."""
+        return list(self._compiled.compiled_metrics)
 
     @property
     def metrics(self) -> list[keras.metrics.Metric]:
         """The loss tracker followed by the compiled metrics; their results are the logs."""
-        return self._compiled.metrics
+        return list(self._compiled.metrics)
 
     @property
     def non_finite(self) -> NonFinitePolicy:
@@ -186,36 +216,47 @@ class Trainer:
         must be the *mean* over the batch's examples: accumulation weights it by example count.
         """
         x, y, sample_weight = data_lib.unpack_batch(batch)
+        if data_lib.static_batch_size(x) == 0:
+            # A replica's share of a batch smaller than the replica count is empty. Its weight
+            # is zero; a zero that depends on the weights gives zero gradients (not None), so
+            # every replica takes part in the same all-reduce.
+            return tf.add_n([tf.reduce_sum(v) * 0.0 for v in self.trainable_variables])
         y_pred = self._call_model(x, training)
         # Keras losses divide by the number of replicas under a strategy; tfloop weights each
         # replica's mean by its example count instead (exact for uneven splits), so it
-        # multiplies that back. The model's own losses (regularizers) are added.
+        # multiplies that back.
         loss = self._compiled.loss_value(
+            x,
             y,
             y_pred,
             sample_weight,
+            training=training,
             replicas=_distribute.replicas(self.strategy),
             extra=getattr(self.model, "losses", None),
         )
-        user_code(self.update_metrics)(y, y_pred, sample_weight)
+        user_code(self.update_metrics)(y, y_pred, sample_weight, x=x)
         return loss
 
-    def update_metrics(self, y: Nested, y_pred: Nested, sample_weight: Nested = None) -> None:
-        """Updates every compiled metric with one batch."""
-        self._compiled.update(y, y_pred, sample_weight)
+    def update_metrics(
+        self, y: Nested, y_pred: Nested, sample_weight: Nested = None, x: Nested = None
+    ) -> None:
+        """Updates every compiled metric with one batch (``Model.compute_metrics``)."""
+        self._compiled.update(x, y, y_pred, sample_weight)
 
     def train_step(self, batch: Nested) -> dict[str, tf.Tensor] | None:
         """One micro-batch: loss on a tape, gradients, then ``apply_gradients``.
 
         Runs inside the compiled loop. An override may return a dict of scalar tensors; the
-        values of the last step of each execution are added to the logs.
+        values of the last step of each execution are added to the logs, as returned.
         """
         with tf.GradientTape() as tape:
             loss = user_code(self.compute_loss)(batch, training=True)
+            _checks.check_scalar_loss(loss)
             # Mixed precision: a LossScaleOptimizer scales the loss here and unscales the
             # (accumulated) gradient when it applies it, skipping the update on overflow.
             scaled_loss = self.optimizer.scale_loss(loss)
         gradients = tape.gradient(scaled_loss, self.trainable_variables)
+        _checks.check_gradients(gradients, self.trainable_variables, "compute_loss")
         examples = data_lib.batch_size_of(batch)
         user_code(self.apply_gradients)(gradients, weight=examples, loss=loss)
         # A dropped micro-batch does not count in the epoch's mean loss either.
@@ -252,17 +293,6 @@ class Trainer:
             return self.model(x, training=training)
         return user_code(self.model)(x)
 
-    def _metric_results(self) -> dict[str, tf.Tensor]:
-        # self.metrics, not the compiled ones: a subclass may add its own metrics there.
-        return {metric.name: metric.result() for metric in self.metrics}
-
-    def _results(self) -> dict[str, tf.Tensor]:
-        return {**self._metric_results(), **self._update.results()}
-
-    def _reset_metrics(self) -> None:
-        for metric in self.metrics:
-            metric.reset_state()
-
     # --------------------------------------------------------------------- what callbacks see
 
     @property
@@ -278,9 +308,8 @@ class Trainer:
     @property
     def first_non_finite_tensor(self) -> str:
         """What was non-finite then: ``"loss"`` or ``"gradient of <variable>"``."""
-        return self._update.variable_name(
-            _distribute.read_int(self._update.first_non_finite_tensor)
-        )
+        index = _distribute.read_int(self._update.first_non_finite_tensor)
+        return self._update.variable_name(index)
 
     def checkpoint_objects(self) -> dict[str, Any]:
         """What a checkpoint saves of this trainer (its data position is the controller's)."""
@@ -296,112 +325,96 @@ class Trainer:
 
     def fit(
         self,
-        data: Any,
-        epochs: int = 1,
-        steps_per_epoch: int | None = None,
-        validation_data: Any = None,
-        validation_freq: int = 1,
-        initial_epoch: int | None = None,
-        *,
+        x: Any = None,
+        y: Any = None,
         batch_size: int | None = None,
-        shuffle: bool = True,
+        epochs: int = 1,
         verbose: int = 1,
+        callbacks: Any = None,
+        *,
+        validation_split: float = 0.0,
+        validation_data: Any = None,
+        shuffle: bool = True,
+        class_weight: Any = None,
+        sample_weight: Any = None,
+        initial_epoch: int | None = None,
+        steps_per_epoch: int | None = None,
+        validation_steps: int | None = None,
+        validation_batch_size: int | None = None,
+        validation_freq: int = 1,
         validation_every_n_steps: int | None = None,
         max_steps: int | None = None,
         max_time: Duration | None = None,
     ) -> History:
         """Trains for ``epochs`` epochs and returns the :class:`History` of epoch logs.
 
-        Args:
-            data: ``(x, y)`` or ``(x, y, sample_weight)`` arrays (tfloop batches them, with a
-                seeded shuffle each epoch), or a batched ``tf.data.Dataset``.
-            epochs: the epoch to stop at (as in Keras, counted from 0 including
-                ``initial_epoch``).
-            steps_per_epoch: batches per epoch; required for an infinite dataset. With a
-                dataset, one iterator then runs across epochs.
-            validation_data: evaluated after every ``validation_freq``-th epoch; its results
-                appear as ``val_<name>``.
-            initial_epoch: the epoch to start from (default 0).
-            batch_size: batch size for arrays (default 32); not allowed with a dataset.
-            shuffle: shuffle arrays each epoch (seeded by ``seed`` and the epoch number).
-            verbose: 1 shows progress (a bar on a terminal, plain lines otherwise); 0 is silent.
-            validation_every_n_steps: also validate after every n-th update, mid-epoch too.
-            max_steps: stop after this many updates in all (counted across resumes).
-            max_time: stop at the first execution boundary after this many seconds (or a
-                timedelta) of this call. A Checkpointer saves at either stop (``stop_reason``).
+        Takes ``model.fit``'s arguments, with their meaning (docs/coming-from-keras.md):
+        ``fit(x, y, batch_size=32, epochs=10)`` on arrays (tfloop batches them, with a seeded
+        shuffle each epoch), ``fit(dataset)``, ``fit((x, y))``, a ``keras.utils.PyDataset``
+        or a generator of batches; and the keyword arguments ``validation_split``,
+        ``validation_data``, ``shuffle``, ``class_weight``, ``sample_weight``,
+        ``initial_epoch``, ``steps_per_epoch``, ``validation_steps``,
+        ``validation_batch_size``, ``validation_freq``. ``epochs`` is the epoch to stop at
+        (counted from 0, including ``initial_epoch``); ``verbose=1`` shows progress (a bar on a
+        terminal, plain lines otherwise). ``callbacks`` are added to the Trainer's for this
+        call. Beyond Keras (docs/training-control.md): ``validation_every_n_steps=n`` also
+        validates after every n-th update, mid-epoch too; ``max_steps`` stops after that many
+        updates in all (counted across resumes), ``max_time`` at the first execution boundary
+        after that many seconds (or a timedelta) of this call; a Checkpointer saves at the stop.
         """
-        plan = plan_fit(
-            data,
-            epochs=epochs,
-            steps_per_epoch=steps_per_epoch,
-            validation_data=validation_data,
-            validation_freq=validation_freq,
-            initial_epoch=initial_epoch,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            verbose=verbose,
-            validation_every_n_steps=validation_every_n_steps,
-            max_steps=max_steps,
-            max_time=max_time,
-            steps_per_execution=self.steps_per_execution,
-            data_seed=self._data_seed,
-        )
-        _checks.check_can_train(
-            self.loss,
-            self.trainable_variables,
-            overrides_loss=_overrides(self, "compute_loss"),
-            overrides_step=_overrides(self, "train_step"),
-        )
+        arguments = dict(locals())
+        del arguments["self"], arguments["callbacks"]
+        plan = plan_fit(self.steps_per_execution, self._data_seed, **arguments)
+        if getattr(self.model, "built", True):
+            self._engine.check_can_train()  # else after the first batch builds the model
         self.stop_training = False
-        controller = Controller(self._fit_hooks(), plan, self.checkpoint)
+        controller = Controller(self._engine.fit_hooks(), plan, self.checkpoint)
         self.run_info = controller.info
         try:
-            return controller.fit(self, self.callbacks)
+            return controller.fit(self, [*self.callbacks, *_config.validate_callbacks(callbacks)])
         finally:
             self._data_seed = controller.data_seed
             self.preempted = controller.preempted
             self.stop_reason = controller.stop_reason
 
-    def _fit_hooks(self) -> FitHooks:
-        return FitHooks(
-            build=lambda batch: self._build(batch, training=True),
-            train_loop=lambda: self._loop("train"),
-            evaluate=lambda source, callbacks: self._evaluate(source, None, callbacks),
-            results=self._results,
-            reset_metrics=self._reset_metrics,
-            checkpoint_objects=self.checkpoint_objects,
-            micro_batches_per_update=self.accumulate_steps,
-            strategy=self.strategy,
-            scope=self._scope,
-        )
-
     def evaluate(
         self,
-        data: Any,
-        steps: int | None = None,
-        *,
+        x: Any = None,
+        y: Any = None,
         batch_size: int | None = None,
         verbose: int = 0,
-    ) -> dict[str, float]:
-        """Returns the loss and metrics over ``data`` (all of it, or its first ``steps`` batches).
+        sample_weight: Any = None,
+        steps: int | None = None,
+        callbacks: Any = None,
+        return_dict: bool = True,
+    ) -> Any:
+        """Returns the loss and metrics over the data (all of it, or its first ``steps`` batches).
+
+        A dict of the ``fit`` log keys; ``return_dict=False`` gives Keras's list instead.
 
         Examples:
             >>> import numpy as np, keras, tfloop
             >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
             >>> trainer = tfloop.Trainer(model, loss="mse", metrics=["mae"])
-            >>> sorted(trainer.evaluate((np.ones((10, 2)), np.ones((10, 1)))))
+            >>> sorted(trainer.evaluate(np.ones((10, 2)), np.ones((10, 1))))
             ['loss', 'mae']
         """
-        source, steps = self._adapt_for_inference(data, steps, batch_size)
-        callbacks = CallbackList(
-            [*self.callbacks, *([ProgressBar()] if verbose else [])], trainer=self
-        )
-        return self._evaluate(source, steps, callbacks)
+        source = self._engine.adapt(as_data(x, y, sample_weight), steps, batch_size)
+        extra = [*_config.validate_callbacks(callbacks), *([ProgressBar()] if verbose else [])]
+        logs = self._engine.evaluate(source, CallbackList([*self.callbacks, *extra], self))
+        return logs if return_dict else as_list(logs)
 
-    def predict(self, data: Any, steps: int | None = None, *, batch_size: int | None = None) -> Any:
-        """Returns the model's outputs for ``data`` as NumPy (nested like the outputs).
+    def predict(
+        self,
+        x: Any,
+        batch_size: int | None = None,
+        verbose: int = 0,
+        steps: int | None = None,
+        callbacks: Any = None,
+    ) -> Any:
+        """Returns the model's outputs for ``x`` as NumPy (nested like the outputs).
 
-        ``data`` is ``x`` arrays, ``(x, ...)`` tuples or a batched dataset; only ``x`` is used.
+        ``x`` is arrays, ``(x, ...)`` tuples or a batched dataset; only ``x`` is used.
 
         Examples:
             >>> import numpy as np, keras, tfloop
@@ -409,16 +422,44 @@ class Trainer:
             >>> tfloop.Trainer(model).predict(np.ones((5, 3))).shape
             (5, 2)
         """
-        source, steps = self._adapt_for_inference(data, steps, batch_size)
-        stream = source.stream(0)
-        _seeds.seed_unbuilt_model(self.model, self.seed)
-        with self._scope():
-            _checks.check_model_accepts(self.predict_step, stream.first_batch(), self.model)
-        callbacks = CallbackList(self.callbacks, trainer=self)
-        callbacks.on_predict_start({})
-        outputs = self._loop("predict").predict(stream.chunks(source.steps_per_execution, steps))
-        callbacks.on_predict_end({})
-        return outputs
+        source = self._engine.adapt(x, steps, batch_size)
+        callbacks = CallbackList([*self.callbacks, *_config.validate_callbacks(callbacks)], self)
+        return self._engine.predict(source, callbacks)
+
+    def train_on_batch(
+        self,
+        x: Any,
+        y: Any = None,
+        sample_weight: Any = None,
+        class_weight: Any = None,
+        return_dict: bool = True,
+    ) -> Any:
+        """One update on one batch (a micro-batch under accumulation); returns its logs.
+
+        As Keras's: the metrics are those of this batch alone (reset at every call), the loss
+        that of the forward pass before the update. The compiled step is reused across calls.
+        """
+        weights = {} if class_weight is None else {"class_weight": class_weight}
+        batch = data_lib.one_batch(as_data(x, y, sample_weight), **weights)
+        logs = self._engine.train_on_batch(batch)
+        return logs if return_dict else as_list(logs)
+
+    def test_on_batch(
+        self, x: Any, y: Any = None, sample_weight: Any = None, return_dict: bool = True
+    ) -> Any:
+        """The loss and metrics of one batch, as ``evaluate`` computes them."""
+        source = data_lib.one_batch(as_data(x, y, sample_weight))
+        logs = self._engine.evaluate(source, CallbackList())
+        return logs if return_dict else as_list(logs)
+
+    def predict_on_batch(self, x: Any) -> Any:
+        """The model's outputs for one batch of ``x``, as NumPy."""
+        return self._engine.predict(data_lib.one_batch(x), CallbackList())
+
+    def tracing_count(self, kind: Kind = "train") -> int:
+        """How many times the compiled loop of ``kind`` ("train", "test", "predict") was
+        traced: one per distinct superbatch shape (0 before it runs, and when eager)."""
+        return int(self._engine.loop(kind).tracing_count)
 
     def export(self, path: str | os.PathLike[str]) -> str:
         """Saves the model for inference without tfloop; returns the path written.
@@ -429,69 +470,8 @@ class Trainer:
         """
         return export_model(self.model, path)
 
-    # ------------------------------------------------------------------------- host-side loop
 
-    def _adapt_for_inference(
-        self, data: Any, steps: Any, batch_size: int | None
-    ) -> tuple[data_lib.DataSource, int | None]:
-        steps, k = _validate.optional_count(steps, "steps"), self.steps_per_execution
-        source = data_lib.adapt(
-            data, batch_size=batch_size, steps_per_execution=k, steps=steps, shuffle=False
-        )
-        return source, steps
-
-    def _evaluate(
-        self, source: data_lib.DataSource, steps: int | None, callbacks: CallbackList
-    ) -> dict[str, float]:
-        stream = source.stream(0)
-        with self._scope():
-            self._build(stream.first_batch(), training=False)  # resets the metrics
-        chunks = stream.chunks(source.steps_per_execution, steps)
-        return run_evaluation(self._loop("test"), chunks, callbacks)
-
-    def _loop(self, kind: Literal["train", "test", "predict"]) -> CompiledLoop:
-        if kind not in self._loops:
-            self._loops[kind] = CompiledLoop(self._loop_spec(kind))
-        return self._loops[kind]
-
-    def _loop_spec(self, kind: Literal["train", "test", "predict"]) -> LoopSpec:
-        """What the loop of ``kind`` is made of; what only the Trainer knows is decided here:
-        which step methods a subclass overrides, and whether XLA is on."""
-        jit, fallback = _config.jit_choice(self.jit_compile, self.model, self.strategy)
-        returns_logs = _overrides(self, f"{kind}_step")
-        if kind == "train":
-            # A step adds exactly one micro-batch (may unroll): tfloop's train_step, unguarded.
-            overridden = returns_logs or _overrides(self, "apply_gradients")
-            window = self._update if self._update.accumulator is not None else None
-            unroll = not (overridden or self._update.guards)
-            spec = LoopSpec(kind, self.train_step, self._results, returns_logs, window, unroll)
-        else:
-            step = self.predict_step if kind == "predict" else self.test_step
-            spec = LoopSpec(kind, step, None if kind == "predict" else self._metric_results)
-            spec = dataclasses.replace(spec, returns_logs=returns_logs)
-        return dataclasses.replace(spec, strategy=self.strategy, jit=jit, jit_fallback=fallback)
-
-    # ------------------------------------------------------------------- checks and building
-
-    def _build(self, batch: Nested, training: bool) -> None:
-        """Creates everything the compiled loop needs, checking the data against the model
-        with a dry run (``_checks.py``) for each new input signature."""
-        overrides_loss = _overrides(self, "compute_loss")
-        step = "train_step" if training else "test_step"
-        self._dry_run.check(
-            batch,
-            overrides_loss=overrides_loss,
-            # A step override that never calls the default compute_loss (loss=None) has no
-            # loss to check here; its own code runs when the loop is traced.
-            checks_loss=overrides_loss or self.loss is not None or not _overrides(self, step),
-        )
-        if training and not self._built_training:
-            self._update.build(self.trainable_variables)
-            _seeds.reseed_generators(self.model, self.seed)
-            self._built_training = True
-
-
-# ------------------------------------------------------------------------------ helpers
+_OVERRIDABLE = ("compute_loss", "train_step", "test_step", "predict_step", "apply_gradients")
 
 
 def _overrides(trainer: Trainer, method: str) -> bool:

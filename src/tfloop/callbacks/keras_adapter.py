@@ -9,6 +9,7 @@ import keras
 import numpy as np
 
 from tfloop._logs import COUNTERS, without
+from tfloop._monitor import flat_metrics
 from tfloop.callbacks._common import restore_weights, snapshot_weights
 from tfloop.callbacks.base import Callback, Logs, TrainerView
 from tfloop.errors import ConfigError
@@ -162,7 +163,7 @@ class _ModelView:
         except ImportError:  # pragma: no cover - Keras moved it
             return list(self._trainer.metrics)
         first, *others = self._trainer.metrics
-        return [first, MetricsList(others)]
+        return [first, MetricsList(flat_metrics(others))]
 
     def get_weights(self) -> list[np.ndarray]:
         return snapshot_weights(self._trainer.model)

@@ -60,6 +60,9 @@ __all__ = [
     "adapt",
     "batch_size_of",
     "choose_steps_per_execution",
+    "is_batched_input",
+    "one_batch",
+    "static_batch_size",
     "unpack_batch",
 ]
 
@@ -114,4 +117,53 @@ def adapt(
     source.steps_per_execution = choose_steps_per_execution(
         steps_per_execution, source.bytes_per_batch, steps or source.steps_per_epoch
     )
+    source.steps = steps
     return source
+
+
+def is_batched_input(data: Any) -> bool:
+    """Whether ``data`` yields its own batches (a dataset, a PyDataset, a generator...), as
+    opposed to arrays that tfloop batches.
+
+    Examples:
+        >>> is_batched_input(tf.data.Dataset.range(3).batch(2)), is_batched_input([1, 2])
+        (True, False)
+    """
+    import inspect
+
+    import keras
+
+    return (
+        isinstance(data, (tf.data.Dataset, keras.utils.PyDataset))
+        or inspect.isgenerator(data)
+        or (callable(data) and not hasattr(data, "shape"))
+    )
+
+
+def static_batch_size(batch: Any) -> int | None:
+    """The static size of ``batch``'s first dimension (None if unknown)."""
+    first = tf.nest.flatten(batch)[0]
+    shape = getattr(first, "shape", None)
+    if shape is None or len(shape) == 0:
+        return None
+    return None if shape[0] is None else int(shape[0])
+
+
+def one_batch(data: Any, **options: Any) -> DataSource:
+    """One batch of arrays (``x``, ``(x, y)``, ``(x, y, sample_weight)``) as a source of one
+    step, for ``train_on_batch`` and the like; ``options`` go to :func:`adapt`.
+
+    Examples:
+        >>> import numpy as np
+        >>> source = one_batch((np.zeros((5, 2)), np.ones(5)))
+        >>> data, start, stop = source.stream(0).next_chunk(1)
+        >>> tuple(data[0].shape), (start, stop)
+        ((1, 5, 2), (0, 1))
+    """
+    if is_batched_input(data):
+        raise ConfigError(
+            f"a {type(data).__name__} is not one batch; pass arrays (x, y, sample_weight)."
+        )
+    arrays = standardize_arrays(data, "x")
+    size = static_batch_size(arrays)
+    return adapt(arrays, batch_size=size, steps_per_execution=1, steps=1, shuffle=False, **options)

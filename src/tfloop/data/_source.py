@@ -229,6 +229,7 @@ class DataSource:
     steps_per_epoch: int | None  # batches in one pass over the data; None if unknown or infinite
     batch_size: int | None
     steps_per_execution: int
+    steps: int | None = None  # the batches the caller takes (None: all of them)
     infinite: bool = False
     indexed: bool = False
     """The position is a batch index (in-memory arrays, reshuffled by seed and epoch): no

@@ -1,0 +1,212 @@
+"""The engine room under the Trainer: compiled loops, building, evaluation, fit's hooks.
+
+The Trainer tells the story of a step and offers the API; this module turns its step methods
+(handed over as callables, with which of them a subclass overrides) into compiled loops, runs
+the dry run before them, and drives evaluation and prediction. It imports no Trainer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, Literal
+
+import tensorflow as tf
+
+from tfloop import _checks, _config, _distribute, _seeds, _validate
+from tfloop import data as data_lib
+from tfloop._controller import FitHooks, run_evaluation
+from tfloop._logs import INTERNAL, LOSS_COUNT, floats, metric_results, without
+from tfloop._loops import CompiledLoop, LoopSpec
+from tfloop._update import UpdateRule
+from tfloop.callbacks import CallbackList
+
+__all__ = ["Engine", "StepMethods"]
+
+Nested = Any
+Kind = Literal["train", "test", "predict"]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepMethods:
+    """A Trainer's step methods (bound), and which of them its class overrides."""
+
+    train_step: Callable[[Nested], Any]
+    test_step: Callable[[Nested], Any]
+    predict_step: Callable[[Nested], Any]
+    compute_loss: Callable[..., Any]
+    metrics: Callable[[], list[Any]]  # the Trainer's metrics (a subclass may add some)
+    trainable_variables: Callable[[], list[Any]]
+    checkpoint_objects: Callable[[], dict[str, Any]]
+    overridden: frozenset[str]
+
+
+class Engine:
+    """Builds and runs the compiled loops of one Trainer."""
+
+    def __init__(
+        self,
+        methods: StepMethods,
+        *,
+        model: Any,
+        loss: Callable[[], Any],
+        compiled: Any,
+        update: UpdateRule,
+        options: _config.TrainerOptions,
+    ) -> None:
+        self.methods = methods
+        self.model = model
+        self.loss = loss
+        self.update = update
+        self.options = options
+        self.compiled = compiled
+        self.loops: dict[Kind, CompiledLoop] = {}
+        self.dry_run = _checks.DryRun(
+            model,
+            compiled,
+            methods.predict_step,
+            methods.compute_loss,
+            self.reset_metrics,
+            options.seed,
+        )
+        self.built_training = False
+
+    def scope(self) -> Any:
+        return _distribute.scope(self.options.strategy)
+
+    # ------------------------------------------------------------------------------ results
+
+    def metric_results(self) -> dict[str, Any]:
+        results = metric_results(self.methods.metrics())
+        results[LOSS_COUNT] = tf.identity(self.compiled.loss_tracker.count)
+        return results
+
+    def results(self) -> dict[str, Any]:
+        return {**self.metric_results(), **self.update.results()}
+
+    def reset_metrics(self) -> None:
+        for metric in self.methods.metrics():
+            metric.reset_state()
+
+    # -------------------------------------------------------------------------------- loops
+
+    def loop(self, kind: Kind) -> CompiledLoop:
+        if kind not in self.loops:
+            self.loops[kind] = CompiledLoop(self.loop_spec(kind))
+        return self.loops[kind]
+
+    def loop_spec(self, kind: Kind) -> LoopSpec:
+        """What the loop of ``kind`` is made of: which step methods a subclass overrides, and
+        whether XLA is on."""
+        methods, options = self.methods, self.options
+        jit, fallback = _config.jit_choice(options.jit_compile, self.model, options.strategy)
+        returns_logs = f"{kind}_step" in methods.overridden
+        if kind == "train":
+            # A step adds exactly one micro-batch (may unroll): tfloop's train_step, unguarded.
+            overridden = returns_logs or "apply_gradients" in methods.overridden
+            window = self.update if self.update.accumulator is not None else None
+            unroll = not (overridden or self.update.guards)
+            spec = LoopSpec(kind, methods.train_step, self.results, returns_logs, window, unroll)
+        elif kind == "test":
+            spec = LoopSpec(kind, methods.test_step, self.metric_results, returns_logs)
+        else:
+            spec = LoopSpec(kind, methods.predict_step, returns_logs=returns_logs)
+        return dataclasses.replace(
+            spec,
+            strategy=options.strategy,
+            jit=jit,
+            jit_fallback=fallback,
+            eager=options.run_eagerly,
+        )
+
+    def build(self, batch: Nested, training: bool) -> None:
+        """Creates everything the compiled loop needs, checking the data against the model
+        with a dry run (``_checks.py``) for each new input signature."""
+        overridden = self.methods.overridden
+        overrides_loss = "compute_loss" in overridden
+        step = "train_step" if training else "test_step"
+        with self.scope():
+            self.dry_run.check(
+                batch,
+                overrides_loss=overrides_loss,
+                # A step override that never calls the default compute_loss (loss=None) has
+                # no loss to check here; its own code runs when the loop is traced.
+                checks_loss=overrides_loss or self.loss() is not None or step not in overridden,
+            )
+            if training and not self.built_training:
+                self.check_can_train()  # an unbuilt model has its variables only now
+                self.update.build(self.methods.trainable_variables())
+                _seeds.reseed_generators(self.model, self.options.seed)
+                self.built_training = True
+
+    def check_labels(self, source: data_lib.DataSource) -> None:
+        """Integer labels of in-memory arrays lie in their output's class range (all of them,
+        not only the dry run's batch)."""
+        arrays = getattr(source, "arrays", None)
+        if source.indexed and arrays is not None:
+            _, y, _ = data_lib.unpack_batch(arrays)
+            _checks.check_sparse_labels(y, self.dry_run.outputs)
+
+    def check_can_train(self) -> None:
+        overridden = self.methods.overridden
+        _checks.check_can_train(
+            self.loss(),
+            self.methods.trainable_variables(),
+            overrides_loss="compute_loss" in overridden,
+            overrides_step="train_step" in overridden,
+        )
+
+    # ---------------------------------------------------------------------- running them
+
+    def fit_hooks(self) -> FitHooks:
+        return FitHooks(
+            build=lambda batch: self.build(batch, training=True),
+            check_data=self.check_labels,
+            train_loop=lambda: self.loop("train"),
+            evaluate=self.evaluate,
+            results=self.results,
+            reset_metrics=self.reset_metrics,
+            checkpoint_objects=self.methods.checkpoint_objects,
+            micro_batches_per_update=self.options.accumulate_steps,
+            strategy=self.options.strategy,
+            scope=self.scope,
+        )
+
+    def adapt(self, data: Any, steps: Any, batch_size: Any, **options: Any) -> data_lib.DataSource:
+        """``data`` for evaluate or predict: unshuffled, ``steps`` batches (None: all)."""
+        return data_lib.adapt(
+            data,
+            batch_size=batch_size,
+            steps_per_execution=self.options.steps_per_execution,
+            steps=_validate.optional_count(steps, "steps"),
+            shuffle=False,
+            **options,
+        )
+
+    def evaluate(self, source: data_lib.DataSource, callbacks: CallbackList) -> dict[str, float]:
+        """One evaluation pass over ``source`` (its first ``source.steps`` batches)."""
+        stream = source.stream(0)
+        self.build(stream.first_batch(), training=False)  # resets the metrics
+        chunks = stream.chunks(source.steps_per_execution, source.steps)
+        return run_evaluation(self.loop("test"), chunks, callbacks)
+
+    def predict(self, source: data_lib.DataSource, callbacks: CallbackList) -> Any:
+        stream = source.stream(0)
+        with self.scope():
+            _checks.check_model_accepts(self.methods.predict_step, stream.first_batch(), self.model)
+        callbacks.on_predict_start({})
+        outputs = self.loop("predict").predict(
+            stream.chunks(source.steps_per_execution, source.steps)
+        )
+        callbacks.on_predict_end({})
+        return outputs
+
+    def train_on_batch(self, source: data_lib.DataSource) -> dict[str, float]:
+        """One train step on a source of one batch; its logs (the metrics reset first)."""
+        batch = source.stream(0)
+        self.build(batch.first_batch(), training=True)
+        self.reset_metrics()
+        chunk = batch.next_chunk(1)
+        assert chunk is not None
+        results, step_logs = self.loop("train")(*chunk, -1)
+        return without(floats({**results, **(step_logs or {})}), INTERNAL)

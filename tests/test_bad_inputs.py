@@ -1,0 +1,189 @@
+"""A corpus of bad inputs and faults: each gets a clear tfloop error, early, naming the argument
+and the fix; no weight changes and no checkpoint is lost. Cases that could hang run in a
+subprocess with a timeout."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import make_data, make_model, weights_of
+
+import tfloop
+from tfloop.errors import ConfigError, DataError
+
+
+def assert_untouched(trainer: tfloop.Trainer, before: list[np.ndarray]) -> None:
+    for old, new in zip(before, weights_of(trainer.model), strict=True):
+        np.testing.assert_array_equal(old, new)
+    assert int(trainer.optimizer.iterations) == 0
+
+
+class PerExampleLoss(tfloop.Trainer):
+    def compute_loss(self, batch, training):
+        x, y = batch
+        return tf.reduce_sum(tf.square(self.model(x, training=training) - y), axis=-1)
+
+
+class NoneLoss(tfloop.Trainer):
+    def compute_loss(self, batch, training):
+        return None
+
+
+class DetachedLoss(tfloop.Trainer):
+    def compute_loss(self, batch, training):
+        x, _ = batch
+        return tf.reduce_mean(x)  # does not depend on the weights
+
+
+@pytest.mark.parametrize(
+    ("trainer_class", "words"),
+    [
+        (PerExampleLoss, ["compute_loss", "shape", "tf.reduce_mean"]),
+        (NoneLoss, ["compute_loss", "None", "scalar"]),
+        (DetachedLoss, ["compute_loss", "trainable variable"]),
+    ],
+    ids=["per-example-vector", "none", "not-connected"],
+)
+def test_a_compute_loss_override_that_does_not_return_the_mean_loss_is_named(trainer_class, words):
+    trainer = trainer_class(make_model(), "sgd")
+    before = weights_of(trainer.model)
+    with pytest.raises(ConfigError) as info:
+        trainer.fit(make_data(16), batch_size=8, verbose=0)
+    for word in words:
+        assert word in str(info.value)
+    assert_untouched(trainer, before)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "words"),
+    [
+        ({"clip_global_norm": float("inf")}, ["clip_global_norm", "finite"]),
+        ({"callbacks": None}, None),
+        ({"callbacks": tfloop.callbacks.Throughput()}, None),
+        ({"seed": np.int64(3)}, None),
+    ],
+    ids=["clip-inf", "callbacks-none", "one-callback", "numpy-seed"],
+)
+def test_constructor_arguments(arguments, words):
+    if words is None:
+        tfloop.Trainer(make_model(), "sgd", "categorical_crossentropy", **arguments)
+        return
+    with pytest.raises(ConfigError) as info:
+        tfloop.Trainer(make_model(), "sgd", "categorical_crossentropy", **arguments)
+    for word in words:
+        assert word in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "words"),
+    [
+        ({"verbose": "x"}, ["verbose"]),
+        ({"shuffle": "batch"}, ["shuffle"]),
+        ({"initial_epoch": 5, "epochs": 2}, ["initial_epoch", "epochs"]),
+    ],
+    ids=["verbose", "shuffle-batch", "initial-epoch-past-epochs"],
+)
+def test_fit_arguments_that_would_be_misread_are_named(arguments, words):
+    trainer = tfloop.Trainer(make_model(), "sgd", "categorical_crossentropy")
+    before = weights_of(trainer.model)
+    with pytest.raises(ConfigError) as info:
+        trainer.fit(make_data(16), batch_size=8, **arguments)
+    for word in words:
+        assert word in str(info.value)
+    assert_untouched(trainer, before)
+
+
+def test_binary_crossentropy_takes_labels_of_rank_one_as_keras_does():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1, activation="sigmoid")])
+    x = np.random.default_rng(0).random((16, 3)).astype("float32")
+    y = (x[:, 0] > 0.5).astype("float32")  # shape (16,)
+    history = tfloop.Trainer(model, "sgd", "binary_crossentropy").fit(x, y, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+
+
+def test_targets_wider_than_the_output_are_not_silently_broadcast():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    trainer = tfloop.Trainer(model, "sgd", "mse")
+    before = weights_of(model)
+    with pytest.raises(DataError, match=r"y has shape \(8, 5\).*output has \(8, 1\)"):
+        trainer.fit(np.ones((16, 3)), np.ones((16, 5)), batch_size=8, verbose=0)
+    assert_untouched(trainer, before)
+
+
+def test_an_out_of_range_sparse_label_anywhere_in_the_arrays_is_named_before_training():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4)])
+    trainer = tfloop.Trainer(model, "sgd", "sparse_categorical_crossentropy", jit_compile=True)
+    labels = np.arange(64) % 4
+    labels[50] = 7  # far from the first batch
+    before = weights_of(model)
+    with pytest.raises(DataError, match=r"\[0, 4\).*holds 7"):
+        trainer.fit(np.ones((64, 3), "float32"), labels, batch_size=8, verbose=0)
+    assert_untouched(trainer, before)
+
+
+def test_an_unbuilt_model_trains_evaluates_and_predicts_alike():
+    model = keras.Sequential([keras.layers.Dense(4, activation="relu"), keras.layers.Dense(1)])
+    trainer = tfloop.Trainer(model, "sgd", "mse", seed=0)
+    x, y = np.ones((16, 3), "float32"), np.ones((16, 1), "float32")
+    history = trainer.fit(x, y, batch_size=8, verbose=0)
+    assert model.built and np.isfinite(history.history["loss"][0])
+    assert trainer.predict(x).shape == (16, 1)
+
+
+# ------------------------------------------------ a corrupt newest checkpoint: exact fallback
+
+JOB = Path(__file__).with_name("resume_job.py")
+
+
+def run_job(directory, out, *args, expect=0):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    done = subprocess.run(
+        [sys.executable, str(JOB), str(directory), str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == expect, done.stderr[-3000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("straight")
+    run_job(root / "run", root / "out.npz", "--data", "dataset", "--every-n-steps", "1")
+    return np.load(root / "out.npz")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("after", [10, 11, 12, 13, 24, 25, 26])  # 13 micro-batches per epoch
+def test_falling_back_from_a_corrupt_newest_checkpoint_resumes_exactly(
+    tmp_path, straight_run, after
+):
+    """A reshuffling dataset, Dropout, accumulate_steps=2 and a checkpoint every update: the
+    newest checkpoint's data file is truncated after a kill; the rerun warns, falls back to the
+    previous checkpoint and still finishes exactly as a straight run."""
+    directory, out = tmp_path / "run", tmp_path / "out.npz"
+    args = ("--data", "dataset", "--every-n-steps", "1")
+    run_job(directory, out, *args, "--kill-after", str(after), expect=-signal.SIGKILL)
+    newest = tf.train.latest_checkpoint(str(directory))
+    data_file = Path(f"{newest}.data-00000-of-00001")
+    data_file.write_bytes(data_file.read_bytes()[: data_file.stat().st_size // 2])
+    done = run_job(directory, out, *args)
+    assert "cannot be restored" in done.stderr
+    resumed = np.load(out)
+    assert resumed.files == straight_run.files
+    for key in straight_run.files:
+        np.testing.assert_array_equal(resumed[key], straight_run[key], err_msg=key)
