@@ -248,7 +248,9 @@ def _start_workers(
     tmp_path: Path, die_at: int = -1, checkpoints: Path | None = None
 ) -> list[subprocess.Popen]:
     ports = ",".join(str(p) for p in _free_ports(2))
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(HERE)}
+    # The tests' directory first, then the caller's path (a source tree under test, say).
+    path = os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": path}
     env.pop("TF_CONFIG", None)
     if checkpoints is not None:
         env["TFLOOP_TEST_CHECKPOINTS"] = str(checkpoints)

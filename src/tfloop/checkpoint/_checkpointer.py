@@ -194,7 +194,8 @@ class Checkpointer:
         """Creates the directory and proves it writable; a CheckpointError names it if not."""
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            probe = self.directory / ".tfloop-write-test"
+            # One probe per process: the workers of a cluster check the same directory.
+            probe = self.directory / f".tfloop-write-test-{os.getpid()}"
             probe.write_text("ok")
             probe.unlink()
         except OSError as error:
