@@ -187,3 +187,62 @@ def test_falling_back_from_a_corrupt_newest_checkpoint_resumes_exactly(
     assert resumed.files == straight_run.files
     for key in straight_run.files:
         np.testing.assert_array_equal(resumed[key], straight_run[key], err_msg=key)
+
+
+def test_validation_data_is_checked_before_training_and_named():
+    trainer = tfloop.Trainer(make_model(), "sgd", "categorical_crossentropy")
+    before = weights_of(trainer.model)
+    x, y = make_data(16)
+    with pytest.raises(DataError, match="validation_data: the model cannot take x"):
+        trainer.fit(x, y, batch_size=8, validation_data=(np.ones((4, 7)), y[:4]), verbose=0)
+    assert_untouched(trainer, before)
+
+
+def test_jit_compile_true_with_an_op_xla_cannot_compile_says_what_to_pass():
+    class StringOp(tfloop.Trainer):
+        def compute_loss(self, batch, training):
+            loss = super().compute_loss(batch, training)
+            tf.strings.as_string(loss)  # no XLA kernel
+            return loss
+
+    trainer = StringOp(make_model(), "sgd", "categorical_crossentropy", jit_compile=True)
+    with pytest.raises(ConfigError, match=r"jit_compile='auto'.*jit_compile=False"):
+        trainer.fit(make_data(16), batch_size=8, verbose=0)
+
+
+@pytest.mark.parametrize("returned", [0.5, tf.ones(3)], ids=["float", "tensor"])
+def test_a_step_that_returns_no_dict_is_named(returned):
+    class Returns(tfloop.Trainer):
+        def train_step(self, batch):
+            super().train_step(batch)
+            return returned
+
+    trainer = Returns(make_model(), "sgd", "categorical_crossentropy")
+    with pytest.raises(ConfigError, match=r"train_step returned a .*dict"):
+        trainer.fit(make_data(16), batch_size=8, verbose=0)
+
+
+def test_a_module_without_call_is_named_not_blamed_on_x():
+    class Weights(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = tf.Variable([[1.0]])
+
+    trainer = tfloop.Trainer(Weights(), "sgd", "mse")
+    with pytest.raises(ConfigError, match="no __call__"):
+        trainer.fit(np.ones((8, 1), "float32"), np.ones((8, 1), "float32"), verbose=0)
+
+
+def test_sample_weights_of_the_wrong_shape_in_a_dataset_are_named():
+    x, y = make_data(16)
+    weights = np.ones((16, 4), "float32")  # one per class, not per example
+    data = tf.data.Dataset.from_tensor_slices((x, y, weights)).batch(8)
+    trainer = tfloop.Trainer(make_model(), "sgd", "categorical_crossentropy")
+    with pytest.raises(DataError, match="sample weights"):
+        trainer.fit(data, verbose=0)
+
+
+def test_a_list_of_lists_gets_a_hint_to_make_it_an_array():
+    trainer = tfloop.Trainer(make_model(), "sgd", "categorical_crossentropy")
+    with pytest.raises(DataError, match=r"np\.asarray"):
+        trainer.fit([[0.0] * 5] * 4, np.ones((4, 3)), verbose=0)

@@ -67,7 +67,9 @@ class DryRun:
         self.outputs: Nested = None  # the specs of the model's outputs, once it ran
         self._validated: set[Any] = set()
 
-    def check(self, batch: Nested, *, overrides_loss: bool, checks_loss: bool) -> None:
+    def check(
+        self, batch: Nested, *, overrides_loss: bool, checks_loss: bool, argument: str = "data"
+    ) -> None:
         """Runs the model (and resolves the metrics) and the loss on ``batch``; the metrics
         are reset afterwards, as the dry run updated them."""
         model, compiled = self.model, self.compiled
@@ -78,17 +80,17 @@ class DryRun:
         _, y, _ = unpack_batch(batch)
         try:
             if not overrides_loss or compiled.specs:
-                y_pred = check_model_accepts(self.predict_step, batch, model)
+                y_pred = check_model_accepts(self.predict_step, batch, model, argument)
                 self.outputs = tf.nest.map_structure(tf.TensorSpec.from_tensor, y_pred)
-                check_target_shapes(y, y_pred)
+                check_target_shapes(y, y_pred, argument)
                 compiled.build(y, y_pred)
             if y is None and not overrides_loss and checks_loss:
                 raise DataError(
-                    "data has no targets: pass (x, y) or a dataset of (x, y) tuples (or "
-                    "override compute_loss for a loss without targets)."
+                    f"{argument} has no targets: pass (x, y) or a dataset of (x, y) tuples "
+                    "(or override compute_loss for a loss without targets)."
                 )
             if checks_loss:
-                check_loss(self.compute_loss, batch)
+                check_loss(self.compute_loss, batch, argument)
         finally:
             self.reset_metrics()
         self._validated.add(signature)
@@ -128,8 +130,16 @@ def check_model_accepts(
 ) -> Nested:
     """Runs ``predict_step(batch)`` eagerly; a failure is a DataError about ``x``."""
     x, _, _ = unpack_batch(batch)
+    if not callable(model):
+        raise ConfigError(
+            f"model: a {type(model).__name__} has no __call__, so tfloop cannot run it on x; "
+            "give it a __call__, or override predict_step and compute_loss in a Trainer "
+            "subclass."
+        )
     try:
         return predict_step(batch)
+    except (ConfigError, DataError):
+        raise
     except Exception as error:
         raise DataError(
             f"{argument}: the model cannot take x {describe_tensors(x)}{_expected_input(model)}: "
@@ -147,6 +157,13 @@ def check_loss(compute_loss: Callable[..., Any], batch: Nested, argument: str = 
     except (ConfigError, DataError):
         raise
     except Exception as error:
+        _, _, weights = unpack_batch(batch)
+        if weights is not None and _mismatched_weights(weights, y):
+            raise DataError(
+                f"{argument}: the sample weights {describe_tensors(weights)} do not fit y "
+                f"{describe_tensors(y)}: {first_line(error, 300)}. Give one weight per "
+                "example (shape (batch,)), or per time step ((batch, steps))."
+            ) from error
         raise DataError(
             f"{argument}: the loss cannot be computed for y {describe_tensors(y)}: "
             f"{first_line(error, 400)}. Check that y matches the model's output and the loss "
@@ -183,6 +200,21 @@ def check_target_shapes(y: Nested, y_pred: Nested, argument: str = "data") -> No
                 f"{output_shape}; the loss would broadcast the output over y's extra values. "
                 "Give y the output's shape (or the model an output of y's)."
             )
+
+
+def _mismatched_weights(weights: Nested, y: Nested) -> bool:
+    """Whether sample weights cannot go with ``y``: another batch size, or not one weight per
+    example (``(batch,)`` or ``(batch, 1)``) or per time step (``y``'s shape without its last
+    dimension)."""
+
+    def mismatched(weight: Any, target: Any) -> bool:
+        w, t = tuple(weight.shape), tuple(target.shape)
+        if not w or not t:
+            return False
+        return w[0] != t[0] or (w[1:] not in ((), (1,)) and w[1:] != t[1:-1])
+
+    pairs = zip(tf.nest.flatten(weights), tf.nest.flatten(y), strict=False)
+    return any(mismatched(weight, target) for weight, target in pairs)
 
 
 def check_scalar_loss(loss: Any, method: str = "compute_loss") -> None:

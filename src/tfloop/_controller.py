@@ -49,7 +49,7 @@ class FitHooks:
     """What the controller runs, handed over by the Trainer (Orbit's runner)."""
 
     build: Callable[[Nested], None]  # builds everything training needs, on one batch
-    check_data: Callable[[DataSource], None]  # checks a whole input, after the build
+    check_data: Callable[[DataSource, str], None]  # checks a whole input (its argument name)
     train_loop: Callable[[], Callable[..., Any]]  # the compiled train loop (after build)
     evaluate: Callable[[DataSource, CallbackList], dict[str, float]]  # a validation pass
     results: Callable[[], Mapping[str, Any]]  # metric results and counters, read eagerly
@@ -145,9 +145,9 @@ class Controller:
             raise DataError("data yielded no batches; pass a non-empty dataset.")
         with self.hooks.scope():
             self.hooks.build(first)
-        self.hooks.check_data(source)
+        self.hooks.check_data(source, "x")
         if self.plan.validation is not None:
-            self.hooks.check_data(self.plan.validation)
+            self.hooks.check_data(self.plan.validation, "validation_data")
         if checkpointer is not None:
             checkpointer.bind(self.hooks.checkpoint_objects(), self.hooks.strategy)
             checkpointer.bind_monitor(self.trainer)

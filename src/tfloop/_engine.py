@@ -119,7 +119,7 @@ class Engine:
             eager=options.run_eagerly,
         )
 
-    def build(self, batch: Nested, training: bool) -> None:
+    def build(self, batch: Nested, training: bool, argument: str = "data") -> None:
         """Creates everything the compiled loop needs, checking the data against the model
         with a dry run (``_checks.py``) for each new input signature."""
         overridden = self.methods.overridden
@@ -132,6 +132,7 @@ class Engine:
                 # A step override that never calls the default compute_loss (loss=None) has
                 # no loss to check here; its own code runs when the loop is traced.
                 checks_loss=overrides_loss or self.loss() is not None or step not in overridden,
+                argument=argument,
             )
             if training and not self.built_training:
                 self.check_can_train()  # an unbuilt model has its variables only now
@@ -139,13 +140,16 @@ class Engine:
                 _seeds.reseed_generators(self.model, self.options.seed)
                 self.built_training = True
 
-    def check_labels(self, source: data_lib.DataSource) -> None:
-        """Integer labels of in-memory arrays lie in their output's class range (all of them,
-        not only the dry run's batch)."""
+    def check_input(self, source: data_lib.DataSource, argument: str) -> None:
+        """Checks a whole input before training: validation data gets the dry run too, and
+        the integer labels of in-memory arrays lie in their output's class range (all of them,
+        not only those of the dry run's batch)."""
+        if argument != "x":
+            self.build(source.stream(0).first_batch(), training=False, argument=argument)
         arrays = getattr(source, "arrays", None)
         if source.indexed and arrays is not None:
             _, y, _ = data_lib.unpack_batch(arrays)
-            _checks.check_sparse_labels(y, self.dry_run.outputs)
+            _checks.check_sparse_labels(y, self.dry_run.outputs, argument)
 
     def check_can_train(self) -> None:
         overridden = self.methods.overridden
@@ -161,7 +165,7 @@ class Engine:
     def fit_hooks(self) -> FitHooks:
         return FitHooks(
             build=lambda batch: self.build(batch, training=True),
-            check_data=self.check_labels,
+            check_data=self.check_input,
             train_loop=lambda: self.loop("train"),
             evaluate=self.evaluate,
             results=self.results,

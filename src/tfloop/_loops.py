@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal, Protocol
 
 import numpy as np
@@ -32,7 +32,7 @@ import tensorflow as tf
 from tfloop import _distribute
 from tfloop._autograph import user_code
 from tfloop._validate import first_line
-from tfloop.errors import TfloopError, WorkerError
+from tfloop.errors import ConfigError, TfloopError, WorkerError
 
 __all__ = ["CompiledLoop", "LoopSpec", "UpdateWindow"]
 
@@ -163,6 +163,12 @@ class CompiledLoop:
         try:
             return self._call(superbatch, *bounds, *extras)
         except _XLA_ERRORS as error:
+            if self.jit and not self.spec.jit_fallback and _cannot_compile(error):
+                raise ConfigError(
+                    f"jit_compile=True, but XLA cannot compile the {self.kind} step "
+                    f"({first_line(error, 200)}). Pass jit_compile='auto' (XLA where it "
+                    "compiles, the plain graph where not) or jit_compile=False."
+                ) from error
             if not (self.spec.jit_fallback and self.jit):
                 raise
             # XLA compiles the whole graph before running any of it, so a compile failure left
@@ -244,10 +250,30 @@ def _step_batch(data: Nested, i: tf.Tensor) -> Nested:
     return tf.nest.map_structure(lambda t: t[i], data)
 
 
-def _specs(outputs: Nested) -> Nested | None:
+def _cannot_compile(error: BaseException) -> bool:
+    """Whether an error is XLA saying it cannot compile the graph (not a runtime error)."""
+    text = str(error)
+    return "Detected unsupported operations" in text or "XLA compilation" in text
+
+
+def _specs(outputs: Nested, what: str = "the step") -> Nested | None:
     if outputs is None:  # a step that returns nothing adds nothing to the logs
         return None
-    return tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape, t.dtype), outputs)
+    if not isinstance(outputs, Mapping) and what != "predict_step":
+        raise ConfigError(
+            f"{what} returned a {type(outputs).__name__}; a step method returns None or a dict "
+            "of tensors ({'name': value}), which are logged under those names."
+        )
+
+    def spec(value: Any) -> tf.TensorSpec:
+        if not tf.is_tensor(value):
+            raise ConfigError(
+                f"{what} returned {value!r} among its values; a step method returns None or a "
+                "dict of tensors (for a number, tf.constant(...)), which are logged."
+            )
+        return tf.TensorSpec(value.shape, value.dtype)
+
+    return tf.nest.map_structure(spec, outputs)
 
 
 def _zeros(spec: Nested | None, what: str) -> Nested:
@@ -297,7 +323,8 @@ class _Runner:
 
         if strategy is None:
             batch = tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape[1:], t.dtype), data)
-            return _specs(tf.function(step).get_concrete_function(batch).structured_outputs)
+            concrete = tf.function(step).get_concrete_function(batch)
+            return _specs(concrete.structured_outputs, f"{self.spec.kind}_step")
 
         def one_replica(batch: Nested) -> Nested:
             # Traced inside strategy.run: the step updates on-read variables, which only
@@ -306,7 +333,8 @@ class _Runner:
 
         local = _distribute.first_local(strategy, data)
         batch = tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape[1:], t.dtype), local)
-        return _specs(tf.function(one_replica).get_concrete_function(batch).structured_outputs)
+        concrete = tf.function(one_replica).get_concrete_function(batch)
+        return _specs(concrete.structured_outputs, f"{self.spec.kind}_step")
 
     def first_local(self, data: Nested) -> Nested:
         """The first local replica's share of ``data`` (a strategy's per-replica values)."""

@@ -64,8 +64,15 @@ def _check_lengths(arrays: Nested, argument: str) -> None:
     named = _named_leaves(arrays)
     for name, tensor in named:
         if tensor.shape.rank == 0:
+            hint = (
+                " A list of lists is read as one input per inner list: pass np.asarray(...) "
+                "to make it one array of examples."
+                if name.count("[") > 1
+                else ""
+            )
             raise DataError(
                 f"{argument}: {name} is a scalar; every array needs a leading example axis."
+                + hint
             )
     lengths = {name: int(tensor.shape[0]) for name, tensor in named}
     if len(set(lengths.values())) > 1:
