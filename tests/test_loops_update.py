@@ -13,6 +13,7 @@ import tensorflow as tf
 from hypothesis import given
 from hypothesis import strategies as st
 
+import tfloop
 from tfloop._loops import CompiledLoop, LoopSpec
 from tfloop._update import UpdateRule
 
@@ -164,7 +165,7 @@ def test_a_step_xla_cannot_compile_falls_back_without_it_when_allowed(caplog):
         return {"n": tf.strings.length(tf.strings.as_string(batch[0, 0]))}
 
     strict = CompiledLoop(LoopSpec("test", step, dict, returns_logs=True, jit=True))
-    with pytest.raises(tf.errors.OpError):
+    with pytest.raises(tfloop.errors.ConfigError, match="jit_compile='auto'"):
         strict(_superbatch(2, 2), 0, 2)
     tolerant = CompiledLoop(
         LoopSpec("test", step, dict, returns_logs=True, jit=True, jit_fallback=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from collections.abc import Sequence
@@ -17,7 +18,9 @@ class PreemptionSignals:
     """While installed, the given signals set :attr:`received` instead of killing the process.
 
     Installed only in the main thread (Python delivers signals there); elsewhere it does
-    nothing, and the signal keeps its usual effect.
+    nothing, and the signal keeps its usual effect. A process forked while it is installed (a
+    ``PyDataset``'s ``use_multiprocessing`` workers) gets the signal's default effect: the pool
+    that made it stops it with SIGTERM, and would otherwise wait forever.
 
     Examples:
         >>> import os, signal
@@ -39,7 +42,13 @@ class PreemptionSignals:
         if not self.signals or threading.current_thread() is not threading.main_thread():
             return
 
+        pid = os.getpid()
+
         def handler(signum: int, frame: Any) -> None:
+            if os.getpid() != pid:  # a forked child: this run is not its to save
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+                return
             logger.warning("tfloop: got signal %d; saving at the next step boundary", signum)
             self.received = True
 

@@ -33,14 +33,20 @@ Examples:
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Mapping
 from typing import Any
 
+import keras
 import tensorflow as tf
 
 from tfloop import _validate
 from tfloop.data._arrays import ArraySource, standardize_arrays
 from tfloop.data._cache import TENSORS
 from tfloop.data._datasets import DatasetSource
+from tfloop.data._host import IterableSource
+from tfloop.data._kinds import describe, is_arrays, is_batch_iterable, is_batched_input
+from tfloop.data._pydataset import PyDatasetSource
 from tfloop.data._source import (
     DataSource,
     Piece,
@@ -49,6 +55,14 @@ from tfloop.data._source import (
     batch_size_of,
     choose_steps_per_execution,
     unpack_batch,
+)
+from tfloop.data._split import split_for_validation, with_sample_weight
+from tfloop.data._weights import (
+    check_class_weight,
+    check_single_output,
+    check_spec_for_class_weight,
+    class_weight_map,
+    class_weight_to_sample_weights,
 )
 from tfloop.errors import ConfigError, DataError
 
@@ -60,10 +74,14 @@ __all__ = [
     "adapt",
     "batch_size_of",
     "choose_steps_per_execution",
+    "class_weight_to_sample_weights",
+    "is_arrays",
     "is_batched_input",
     "one_batch",
+    "split_for_validation",
     "static_batch_size",
     "unpack_batch",
+    "with_sample_weight",
 ]
 
 DEFAULT_BATCH_SIZE = 32
@@ -79,27 +97,90 @@ def adapt(
     shuffle: bool = True,
     seed: int = 0,
     argument: str = "data",
+    class_weight: Mapping[int, float] | None = None,
+    passes: int = 1,
 ) -> DataSource:
     """Validates ``data`` and wraps it in a :class:`DataSource` (see the module docstring).
 
-    ``steps`` is how many batches the caller will take (``None``: all of them); an infinite
-    input without it is a DataError that says to pass ``steps_argument``. ``K`` is chosen from
-    ``steps_per_execution`` (``"auto"`` or an int), the size of a batch and those steps.
+    Args:
+        data: ``(x, y)`` / ``(x, y, sample_weight)`` arrays or tensors; a batched
+            ``tf.data.Dataset``; a ``keras.utils.PyDataset``; a generator, or any other
+            iterable of batches (a list of batch tuples, an object whose ``__iter__`` returns
+            a new iterator). Batches are ``(x,)``, ``(x, y)`` or ``(x, y, sample_weight)``.
+        batch_size: examples per batch, for arrays only (default 32); anything else batches
+            itself, and passing it is a ConfigError.
+        steps_per_execution: ``K``, ``"auto"`` or an int.
+        steps: how many batches the caller takes per pass (``None``: all of them). An infinite
+            input without it is a DataError that says to pass ``steps_argument``. A
+            PyDataset pass reads no more than ``steps`` batches; every pass restarts from the
+            input's beginning (the first ``steps`` batches each time, as ``validation_steps``).
+        steps_argument: the caller's name for ``steps``, for error messages.
+        shuffle: reshuffle arrays (examples) and PyDatasets (batch order) every epoch, by
+            ``(seed, epoch)``. Datasets and generators keep their own order.
+        seed: the shuffle's seed.
+        argument: the caller's name for ``data``, for error messages.
+        class_weight: ``{class index: weight}``, turned into per-example sample weights as
+            Keras does (:func:`class_weight_to_sample_weights`; a class not in the dict weighs
+            1.0). Needs ``(x, y)`` batches with a single ``y``; not with sample weights.
+        passes: how many times the caller reads ``data`` from its beginning (``fit``: its
+            epochs when ``steps_per_epoch`` is None, else 1, as one stream then runs across
+            epochs; validation: how many times it validates). A generator can be read only
+            once: more passes are a DataError before anything runs.
+
+    Examples:
+        >>> import numpy as np
+        >>> batches = [(np.ones((4, 2)), np.array([0, 1, 1, 2])) for _ in range(3)]
+        >>> source = adapt(batches, class_weight={1: 2.0})
+        >>> source.steps_per_epoch, source.resumes_by_count
+        (3, True)
+        >>> source.stream(0).peek_batch()[2].numpy()
+        array([1., 2., 2., 1.], dtype=float32)
     """
     if batch_size is not None:
         batch_size = _validate.count(batch_size, "batch_size", minimum=1)
+    passes = _validate.count(passes, "passes", minimum=1)
+    weights = None if class_weight is None else check_class_weight(class_weight)
+    if data is None:
+        raise DataError(f"{argument} is None: pass (x, y) arrays or a batched tf.data.Dataset.")
+    if inspect.isgeneratorfunction(data):
+        raise DataError(
+            f"{argument} is a generator function; call it and pass the generator it returns "
+            f"({argument}=my_batches(), not {argument}=my_batches)."
+        )
+    if batch_size is not None and not is_arrays(data):
+        raise ConfigError(
+            f"batch_size={batch_size} was given with {describe(data)} as {argument}, "
+            "which makes its own batches (a dataset by its .batch(n)). Drop batch_size, or "
+            "pass arrays."
+        )
     source: DataSource
     if isinstance(data, tf.data.Dataset):
-        if batch_size is not None:
-            raise ConfigError(
-                f"batch_size={batch_size} was given with a tf.data.Dataset as {argument}; a "
-                "dataset is batched by its own .batch(n). Drop batch_size, or pass arrays."
-            )
+        if weights is not None:
+            check_spec_for_class_weight(data.element_spec, argument)
+            data = data.map(class_weight_map(weights))
         source = DatasetSource(data, 1, argument)
-    elif data is None:
-        raise DataError(f"{argument} is None: pass (x, y) arrays or a batched tf.data.Dataset.")
+    elif isinstance(data, keras.utils.PyDataset):
+        source = PyDatasetSource(
+            data,
+            shuffle=shuffle,
+            seed=seed,
+            steps=steps,
+            argument=argument,
+            class_weight=weights,
+        )
+    elif is_batch_iterable(data):
+        source = IterableSource(data, argument, weights)
+        if source.one_shot and passes > 1:
+            raise DataError(
+                f"{argument} is a generator (an iterator), which can be read only once, but "
+                f"it would be read {passes} times. Pass steps_per_epoch=... so that one "
+                "stream runs across the epochs, or a re-iterable input: a list of batches, an "
+                "object whose __iter__ returns a new iterator, or a keras.utils.PyDataset."
+            )
     else:
         arrays = standardize_arrays(data, argument)
+        if weights is not None:
+            arrays = _with_class_weights(arrays, weights, argument)
         source = ArraySource(
             arrays,
             batch_size or DEFAULT_BATCH_SIZE,
@@ -121,23 +202,17 @@ def adapt(
     return source
 
 
-def is_batched_input(data: Any) -> bool:
-    """Whether ``data`` yields its own batches (a dataset, a PyDataset, a generator...), as
-    opposed to arrays that tfloop batches.
-
-    Examples:
-        >>> is_batched_input(tf.data.Dataset.range(3).batch(2)), is_batched_input([1, 2])
-        (True, False)
-    """
-    import inspect
-
-    import keras
-
-    return (
-        isinstance(data, (tf.data.Dataset, keras.utils.PyDataset))
-        or inspect.isgenerator(data)
-        or (callable(data) and not hasattr(data, "shape"))
-    )
+def _with_class_weights(arrays: Any, class_weight: dict[int, float], argument: str) -> Any:
+    """``(x, y)`` arrays with the sample weights ``class_weight`` gives (once, on the host)."""
+    x, y, sample_weight = unpack_batch(arrays if isinstance(arrays, tuple) else (arrays,))
+    if sample_weight is not None:
+        raise ConfigError(
+            f"class_weight and sample_weight were both given for {argument}; use one or the "
+            "other (or fold the class weights into the sample weights)."
+        )
+    check_single_output(y, argument)
+    weights = class_weight_to_sample_weights(y, class_weight)
+    return (x, y, tf.constant(weights))
 
 
 def static_batch_size(batch: Any) -> int | None:

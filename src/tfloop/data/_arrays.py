@@ -12,10 +12,10 @@ import numpy as np
 import tensorflow as tf
 
 from tfloop.data._cache import TENSORS, TensorCache
-from tfloop.data._source import DataSource, Piece, StepStream, unpack_batch
+from tfloop.data._source import DataSource, Piece, StepStream, shuffled_order, unpack_batch
 from tfloop.errors import DataError
 
-__all__ = ["ArraySource", "EpochPipeline", "standardize_arrays"]
+__all__ = ["ArraySource", "EpochPipeline", "check_lengths", "standardize_arrays"]
 
 Nested = Any
 
@@ -56,14 +56,16 @@ def standardize_arrays(data: Any, argument: str) -> Nested:
         return node
 
     arrays = tf.nest.map_structure(to_tensor, fix_lists(data))
-    _check_lengths(arrays, argument)
+    check_lengths(arrays, argument)
     return arrays
 
 
-def _check_lengths(arrays: Nested, argument: str) -> None:
+def check_lengths(arrays: Nested, argument: str) -> None:
+    """A DataError unless every array (tensor or NumPy) of ``arrays`` has the same, non-zero
+    number of examples along its first axis."""
     named = _named_leaves(arrays)
     for name, tensor in named:
-        if tensor.shape.rank == 0:
+        if len(tensor.shape) == 0:
             hint = (
                 " A list of lists is read as one input per inner list: pass np.asarray(...) "
                 "to make it one array of examples."
@@ -71,8 +73,7 @@ def _check_lengths(arrays: Nested, argument: str) -> None:
                 else ""
             )
             raise DataError(
-                f"{argument}: {name} is a scalar; every array needs a leading example axis."
-                + hint
+                f"{argument}: {name} is a scalar; every array needs a leading example axis." + hint
             )
     lengths = {name: int(tensor.shape[0]) for name, tensor in named}
     if len(set(lengths.values())) > 1:
@@ -147,12 +148,7 @@ class ArraySource(DataSource):
 
     def order(self, epoch: int) -> tf.Tensor:
         """The example order of ``epoch``: a permutation seeded by ``(seed, epoch)``."""
-        indices = tf.range(self.num_examples, dtype=tf.int64)
-        if not self.shuffle:
-            return indices
-        return tf.random.experimental.stateless_shuffle(
-            indices, seed=tf.constant([self.seed, epoch], tf.int64)
-        )
+        return shuffled_order(self.num_examples, self.seed, epoch, self.shuffle)
 
     def stream(self, epoch: int, start_step: int = 0) -> StepStream:
         # A whole epoch comes from the long-lived pipeline; a resumed one is made on its own.

@@ -11,7 +11,7 @@ import tensorflow as tf
 from tfloop.data._source import DataSource, Piece, StepStream, pad_steps
 from tfloop.errors import DataError
 
-__all__ = ["DatasetSource"]
+__all__ = ["DatasetSource", "check_element_spec", "superbatches"]
 
 Nested = Any
 DEFAULT_BATCH_SIZE = 32
@@ -27,7 +27,7 @@ class DatasetSource(DataSource):
             raise DataError(f"{argument} is an empty tf.data.Dataset (0 batches).")
         self.infinite = cardinality == tf.data.INFINITE_CARDINALITY
         self.steps_per_epoch = cardinality if cardinality > 0 else None
-        self._check_element_spec()
+        check_element_spec(dataset.element_spec, argument)
         leaves = tf.nest.flatten(dataset.element_spec)
         static_batch = {leaf.shape[0] for leaf in leaves}
         self.batch_size = static_batch.pop() if len(static_batch) == 1 else None
@@ -64,36 +64,10 @@ class DatasetSource(DataSource):
         """Records the seed that restoring an iterator's state draws."""
         self._iterators_made += 1
 
-    def _check_element_spec(self) -> None:
-        for leaf in tf.nest.flatten(self.dataset.element_spec):
-            if not isinstance(leaf, tf.TensorSpec):
-                raise DataError(
-                    f"{self.argument} yields a {type(leaf).__name__}; tfloop takes dense "
-                    "tensors. Pad ragged or sparse features (e.g. .padded_batch) first."
-                )
-            if leaf.shape.rank == 0:
-                raise DataError(
-                    f"{self.argument} yields scalars, so it looks unbatched; call "
-                    ".batch(batch_size) on the dataset before passing it."
-                )
-
     def stream(self, epoch: int, start_step: int = 0) -> StepStream:
         k = self.steps_per_execution
         self._iterators_made += 1
-        if self.uniform:
-            iterator = iter(self.dataset.batch(k).prefetch(2))
-            groups: Iterator[list[Piece]] = ([pad_steps(data, k)] for data in iterator)
-        else:
-            # Batches may differ in shape (the last, partial batch; bucketed sequence lengths).
-            # Stack them padded, with each step's true shapes, and cut runs of equal shape back
-            # out on the host: once per superbatch, not per step.
-            def with_shapes(*element: Any) -> Any:
-                element = element[0] if len(element) == 1 else element
-                shapes = tuple(tf.shape(t) for t in tf.nest.flatten(element))
-                return element, shapes
-
-            iterator = iter(self.dataset.map(with_shapes).padded_batch(k).prefetch(2))
-            groups = (split_runs(data, shapes, k) for data, shapes in iterator)
+        iterator, groups = superbatches(self.dataset, k, self.uniform)
         stream = StepStream(groups, k, iterator)
         stream.seeds_at_creation = self._iterators_made
         if start_step:
@@ -106,6 +80,42 @@ class DatasetSource(DataSource):
                     break
                 skipped += chunk[2] - chunk[1]
         return stream
+
+
+def check_element_spec(spec: Nested, argument: str) -> None:
+    """A DataError unless every leaf of ``spec`` is a batched, dense ``tf.TensorSpec``."""
+    for leaf in tf.nest.flatten(spec):
+        if not isinstance(leaf, tf.TensorSpec):
+            raise DataError(
+                f"{argument} yields a {type(leaf).__name__}; tfloop takes dense "
+                "tensors. Pad ragged or sparse features (e.g. .padded_batch) first."
+            )
+        if leaf.shape.rank == 0:
+            raise DataError(
+                f"{argument} yields scalars, so it looks unbatched; call "
+                ".batch(batch_size) on the dataset before passing it."
+            )
+
+
+def superbatches(
+    dataset: tf.data.Dataset, k: int, uniform: bool
+) -> tuple[Any, Iterator[list[Piece]]]:
+    """A new iterator over ``dataset`` stacked ``k`` batches at a time, and the pieces cut from
+    each of its elements (``uniform``: every batch has the same, static shape)."""
+    if uniform:
+        iterator = iter(dataset.batch(k).prefetch(2))
+        return iterator, ([pad_steps(data, k)] for data in iterator)
+
+    # Batches may differ in shape (the last, partial batch; bucketed sequence lengths). Stack
+    # them padded, with each step's true shapes, and cut runs of equal shape back out on the
+    # host: once per superbatch, not per step.
+    def with_shapes(*element: Any) -> Any:
+        element = element[0] if len(element) == 1 else element
+        shapes = tuple(tf.shape(t) for t in tf.nest.flatten(element))
+        return element, shapes
+
+    iterator = iter(dataset.map(with_shapes).padded_batch(k).prefetch(2))
+    return iterator, (split_runs(data, shapes, k) for data, shapes in iterator)
 
 
 def split_runs(data: Nested, shapes: Any, k: int) -> list[Piece]:

@@ -21,6 +21,7 @@ __all__ = [
     "batch_size_of",
     "choose_steps_per_execution",
     "pad_steps",
+    "shuffled_order",
     "unpack_batch",
 ]
 
@@ -61,6 +62,24 @@ def choose_steps_per_execution(
     if epoch_steps is not None:
         steps = min(steps, epoch_steps)
     return max(1, min(steps, SUPERBATCH_MEMORY_CAP // batch_bytes))
+
+
+def shuffled_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> tf.Tensor:
+    """``range(n)`` in the order of ``epoch``: a permutation seeded by ``(seed, epoch)``, the same
+    on every machine and in every process (``shuffle=False``: unchanged).
+
+    Examples:
+        >>> sorted(shuffled_order(5, seed=0, epoch=1).numpy().tolist())
+        [0, 1, 2, 3, 4]
+        >>> shuffled_order(4, 0, 0, shuffle=False).numpy().tolist()
+        [0, 1, 2, 3]
+    """
+    indices = tf.range(n, dtype=tf.int64)
+    if not shuffle:
+        return indices
+    return tf.random.experimental.stateless_shuffle(
+        indices, seed=tf.constant([seed, epoch], tf.int64)
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,10 +251,21 @@ class DataSource:
     steps: int | None = None  # the batches the caller takes (None: all of them)
     infinite: bool = False
     indexed: bool = False
-    """The position is a batch index (in-memory arrays, reshuffled by seed and epoch): no
-    iterator to save, and one pass over the data per epoch whatever ``steps_per_epoch`` says."""
+    """The position is a batch index into a finite input that tfloop orders itself by seed and
+    epoch (in-memory arrays, a ``keras.utils.PyDataset``): one pass over the data per epoch
+    whatever ``steps_per_epoch`` says."""
 
     bytes_per_batch: int
+
+    @property
+    def resumes_by_count(self) -> bool:
+        """Whether a resume finds its place by counting batches: the streams have no iterator
+        whose state a checkpoint could save (arrays and PyDatasets are indexed; a generator
+        is run again from its start and the batches already trained are skipped).
+
+        A ``tf.data`` dataset is the one input whose iterator state is saved instead.
+        """
+        return self.indexed
 
     @property
     def seeds_drawn(self) -> int:
@@ -254,6 +284,10 @@ class DataSource:
 
     def reseed(self, seed: int) -> None:
         """Uses ``seed`` for the shuffle from now on (arrays; a dataset shuffles itself)."""
+
+    def close(self) -> None:
+        """Ends what the last stream left running: a PyDataset's workers and its epoch (which
+        gets its ``on_epoch_end``). Dropping the stream does the same; no-op for other inputs."""
 
     def stream(self, epoch: int, start_step: int = 0) -> StepStream:
         """The steps of one pass over the data, from ``start_step`` on (``epoch`` seeds the

@@ -1,0 +1,201 @@
+"""The pieces a compiled loop is made of: what a loop is (LoopSpec), the window protocol,
+and how one step runs, locally or on every replica of a strategy (StepRunner)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, Protocol
+
+import tensorflow as tf
+
+from tfloop import _distribute
+from tfloop._autograph import user_code
+from tfloop.errors import ConfigError
+
+__all__ = ["Kind", "LoopSpec", "StepRunner", "UpdateWindow", "eager_predict", "zeros"]
+
+Nested = Any
+Kind = Literal["train", "test", "predict"]
+
+
+class UpdateWindow(Protocol):
+    """The accumulation window as the loop sees it (``tfloop._update.UpdateRule``).
+
+    The loop reads the window's state once per execution, carries it through the loop
+    (``stage`` before a step, ``unstage`` after it: the step's updates go to the carried
+    state), closes the window after its micro-batches and writes the state back at the end.
+    Under a strategy nothing is staged: replicas write on-read variables, and ``close`` runs
+    in cross-replica context after every step.
+    """
+
+    @property
+    def steps(self) -> int: ...
+
+    def read_state(self) -> Any: ...
+
+    def write_state(self, state: Any) -> None: ...
+
+    def stage(self, state: Any) -> None: ...
+
+    def unstage(self) -> Any: ...
+
+    def count(self, state: Any) -> tf.Tensor: ...
+
+    def close(self, flush: tf.Tensor | None) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSpec:
+    """What a compiled loop is made of (see the module docstring)."""
+
+    kind: Kind
+    step: Callable[[Nested], Any]
+    results: Callable[[], dict[str, Any]] | None = None
+    returns_logs: bool = False
+    window: UpdateWindow | None = None
+    unroll: bool = False  # each step adds exactly one micro-batch: whole windows may unroll
+    strategy: tf.distribute.Strategy | None = None
+    jit: bool = True  # XLA for the loop (for each replica's step, under a strategy)
+    jit_fallback: bool = False  # if XLA cannot compile, log why and run without it
+    eager: bool = False  # run the steps eagerly, in Python (a debugging mode)
+
+
+def step_batch(data: Nested, i: tf.Tensor) -> Nested:
+    """Step ``i`` of a superbatch."""
+    return tf.nest.map_structure(lambda t: t[i], data)
+
+
+def specs(outputs: Nested, what: str = "the step") -> Nested | None:
+    if outputs is None:  # a step that returns nothing adds nothing to the logs
+        return None
+    if not isinstance(outputs, Mapping) and what != "predict_step":
+        raise ConfigError(
+            f"{what} returned a {type(outputs).__name__}; a step method returns None or a dict "
+            "of tensors ({'name': value}), which are logged under those names."
+        )
+
+    def spec(value: Any) -> tf.TensorSpec:
+        if not tf.is_tensor(value):
+            raise ConfigError(
+                f"{what} returned {value!r} among its values; a step method returns None or a "
+                "dict of tensors (for a number, tf.constant(...)), which are logged."
+            )
+        return tf.TensorSpec(value.shape, value.dtype)
+
+    return tf.nest.map_structure(spec, outputs)
+
+
+def zeros(spec: Nested | None, what: str) -> Nested:
+    """Zeros of ``spec``: the logs a loop starts from (an empty dict for none)."""
+    if spec is None:
+        return {}
+
+    def zeros(s: tf.TensorSpec) -> tf.Tensor:
+        if not s.shape.is_fully_defined():
+            raise TypeError(
+                f"{what} returned a tensor of shape {s.shape}; the values a step method returns "
+                "must have a static shape (return scalars, or track values with a metric)."
+            )
+        return tf.zeros(s.shape, s.dtype)
+
+    return tf.nest.map_structure(zeros, spec)
+
+
+class StepRunner:
+    """Runs step ``i`` of a superbatch: directly, or on every replica of a strategy.
+
+    ``output_spec(data)`` traces the step once (nothing runs) to find the structure it
+    returns, inside the traced loop: each new superbatch shape sees its own batch shape.
+    """
+
+    def __init__(self, spec: LoopSpec, jit: bool) -> None:
+        self.spec = spec
+        self.strategy = spec.strategy
+        step = spec.step
+
+        def replica_step(data: Nested, i: tf.Tensor) -> Any:
+            # A subclass's step is user code: AutoGraph converts it (see _autograph.py).
+            return user_code(step)(step_batch(data, i))
+
+        # Without a strategy the whole loop is one XLA program; under one, each replica's step.
+        self._replica_step = (
+            tf.function(replica_step, jit_compile=True)
+            if jit and self.strategy is not None
+            else replica_step
+        )
+
+    def output_spec(self, data: Nested) -> Nested | None:
+        strategy = self.strategy
+
+        def step(batch: Nested) -> Any:
+            return user_code(self.spec.step)(batch)
+
+        if strategy is None:
+            batch = tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape[1:], t.dtype), data)
+            concrete = tf.function(step).get_concrete_function(batch)
+            return specs(concrete.structured_outputs, f"{self.spec.kind}_step")
+
+        def one_replica(batch: Nested) -> Nested:
+            # Traced inside strategy.run: the step updates on-read variables, which only
+            # replica context allows.
+            return _distribute.first_local(strategy, strategy.run(step, args=(batch,)))
+
+        local = _distribute.first_local(strategy, data)
+        batch = tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape[1:], t.dtype), local)
+        concrete = tf.function(one_replica).get_concrete_function(batch)
+        return specs(concrete.structured_outputs, f"{self.spec.kind}_step")
+
+    def first_local(self, data: Nested) -> Nested:
+        """The first local replica's share of ``data`` (a strategy's per-replica values)."""
+        assert self.strategy is not None
+        return _distribute.first_local(self.strategy, data)
+
+    def logs_spec(self, data: Nested) -> Nested | None:
+        """The structure of the step's logs, traced; None when they are not kept (eagerly,
+        what a step returns is kept as it comes)."""
+        if self.spec.eager or not self.spec.returns_logs:
+            return None
+        return self.output_spec(data)
+
+    def keeps(self, logs_spec: Nested | None, outputs: Any) -> bool:
+        """Whether ``outputs`` of a step become the loop's step logs."""
+        if self.spec.eager:
+            return self.spec.returns_logs and outputs is not None
+        return logs_spec is not None
+
+    def run(self, data: Nested, i: tf.Tensor) -> Any:
+        """Step ``i``; under a strategy, its outputs averaged over the replicas."""
+        strategy = self.strategy
+        if strategy is None:
+            return self._replica_step(data, i)
+        outputs = strategy.run(self._replica_step, args=(data, i))
+        if not self.spec.returns_logs:
+            return None
+        return tf.nest.map_structure(
+            lambda v: strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None), outputs
+        )
+
+    def predict(self, data: Nested, i: tf.Tensor) -> Any:
+        """Step ``i``'s outputs; under a strategy, every replica's, concatenated in the order
+        the superbatch was split in (gathered across workers too)."""
+        strategy = self.strategy
+        if strategy is None:
+            return self._replica_step(data, i)
+        outputs = strategy.run(self._replica_step, args=(data, i))
+        return tf.nest.map_structure(lambda v: strategy.gather(v, axis=0), outputs)
+
+
+def eager_predict(runner: StepRunner, data: Nested, start: int, stop: int) -> Nested:
+    """The predict loop run eagerly: the outputs of steps ``start..stop-1`` in ``[K, ...]``
+    buffers (other rows zero), as the compiled loop returns them."""
+    local = data if runner.strategy is None else runner.first_local(data)
+    steps = int(tf.nest.flatten(local)[0].shape[0])
+    outputs = [runner.predict(data, tf.constant(i)) for i in range(start, stop)]
+
+    def stack(*rows: tf.Tensor) -> tf.Tensor:
+        stacked = tf.stack(rows)
+        padding = [[start, steps - stop]] + [[0, 0]] * (stacked.shape.rank - 1)
+        return tf.pad(stacked, padding)
+
+    return tf.nest.map_structure(stack, *outputs)
