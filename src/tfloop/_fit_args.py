@@ -123,7 +123,7 @@ def plan_fit(
     data = as_data(x, y, sample_weight)
     validation_split = _validate.number(validation_split, "validation_split")
     if validation_split:
-        split = data_lib.split_for_validation(data, validation_split)  # type: ignore[attr-defined]
+        split = data_lib.split_for_validation(data, validation_split)
         data = split[0]
         if validation_data is None:
             validation_data = split[1]
