@@ -45,6 +45,9 @@ class Record:
     samples_per_s: float
     flops_per_s: float
     loss: float | None
+    excluded_seconds: float = 0.0
+    """Time the contender left out of ``seconds`` (``EpochFn.excluded_seconds``): the
+    validation passes of tfloop-val1000, whose figure is about the train steps between them."""
 
 
 @dataclass
@@ -96,6 +99,9 @@ class _Timer:
         start = time.perf_counter()
         loss = candidate.epoch()
         seconds = time.perf_counter() - start
+        excluded_fn = getattr(candidate.epoch, "excluded_seconds", None)
+        excluded = excluded_fn() if excluded_fn is not None else 0.0
+        seconds -= excluded
         samples = self.run.num_samples
         record = Record(
             workload=self.run.workload.name,
@@ -108,6 +114,7 @@ class _Timer:
             samples_per_s=samples / seconds,
             flops_per_s=samples * candidate.flops_per_sample / seconds,
             loss=loss,
+            excluded_seconds=excluded,
         )
         self.run.records.append(record)
         self._print(record)

@@ -363,6 +363,7 @@ WORKLOADS: dict[str, Workload] = {
                 "tfloop-default",
                 "tfloop-default-ds",
                 "tfloop-ckpt100",
+                "tfloop-val1000",
                 "tfloop-best",
             ),
             ratios=(
@@ -374,6 +375,7 @@ WORKLOADS: dict[str, Workload] = {
                 Ratio("hand-loop", "keras-tuned"),
                 Ratio("hand-loop", PEAK),
                 Ratio("tfloop-ckpt100", "tfloop-default", 0.95),
+                Ratio("tfloop-val1000", "tfloop-default"),
                 Ratio("tfloop-default", "keras-tuned", 1.1, kind="warmup", at_most=True),
                 Ratio("tfloop-default", "keras-default", 1.05, kind="rss", at_most=True),
             ),

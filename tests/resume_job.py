@@ -7,12 +7,15 @@ writes the final weights and optimizer variables to OUT.npz. ``--kill-after N`` 
 process once N micro-batches have run (counted across restarts by the checkpointed progress);
 ``--term-after N`` sends it SIGTERM instead. ``--kill-in-write N`` SIGKILLs it inside the
 background write of checkpoint N, after its files are complete but before the ``checkpoint`` index
-names it. ``--sync-save`` writes checkpoints synchronously.
+names it. ``--sync-save`` writes checkpoints synchronously. ``--control`` also validates every 4
+updates, keeps the 2 best checkpoints by ``val_loss``, logs to ``DIRECTORY/run.jsonl`` and writes
+OUT.json: the History, its evaluations, the kept checkpoints and the log's records.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -58,6 +61,7 @@ def main() -> None:
     parser.add_argument("--every-n-steps", type=int, default=3)
     parser.add_argument("--kill-in-write", type=int, default=-1)
     parser.add_argument("--sync-save", action="store_true")
+    parser.add_argument("--control", action="store_true")
     args = parser.parse_args()
     if args.kill_in_write >= 0:
         record_state = tf.train.CheckpointManager._record_state
@@ -81,13 +85,18 @@ def main() -> None:
             keras.layers.Dense(3, activation="softmax"),
         ]
     )
-    callbacks = []
+    log = os.path.join(args.directory, "run.jsonl")
+    # The logger first: callbacks are matched to their saved state by position.
+    callbacks = [tfloop.callbacks.JSONLLogger(log)] if args.control else []
     if args.kill_after >= 0:
         callbacks.append(KillAt(args.kill_after, signal.SIGKILL))
     if args.term_after >= 0:
         callbacks.append(KillAt(args.term_after, signal.SIGTERM))
     checkpointer = tfloop.Checkpointer(
-        args.directory, every_n_steps=args.every_n_steps, async_save=not args.sync_save
+        args.directory,
+        every_n_steps=args.every_n_steps,
+        async_save=not args.sync_save,
+        keep_best=2 if args.control else 0,
     )
     trainer = tfloop.Trainer(
         model,
@@ -111,6 +120,8 @@ def main() -> None:
             .batch(8)
         )
         kwargs = {}
+    if args.control:
+        kwargs.update(validation_data=(x[:40], y[:40]), validation_every_n_steps=4)
     history = trainer.fit(data, epochs=int(os.environ.get("EPOCHS", 3)), verbose=0, **kwargs)
     if trainer.preempted:
         sys.exit(143)
@@ -121,6 +132,18 @@ def main() -> None:
     # The metric's running state at the end: the last epoch's training accuracy.
     variables["accuracy"] = np.float32(history.history["accuracy"][-1])
     np.savez(args.out, **variables)
+    if args.control:
+        with open(log) as file:
+            records = [json.loads(line) for line in file]
+        summary = {
+            "history": history.history,
+            "evaluations": history.evaluations,
+            "best": [(os.path.basename(p), v) for p, v in checkpointer.best_checkpoints],
+            "files": sorted(n for n in os.listdir(args.directory) if n.endswith(".index")),
+            "log": [{k: v for k, v in r.items() if k != "time"} for r in records],
+        }
+        with open(os.path.splitext(args.out)[0] + ".json", "w") as file:
+            json.dump(summary, file)
 
 
 if __name__ == "__main__":

@@ -107,8 +107,8 @@ def expected_fit_events(epochs, batches, k, accumulate, validation):
             updates_in_epoch = math.ceil((last + 1) / accumulate)
             step = epoch * math.ceil(batches / accumulate) + updates_in_epoch
             events.append(f"batch {last} step={step} batch={last}")
-        if validation:
-            events += ["eval_start", f"eval_end {keys}"]
+        if validation:  # inside fit, the results come with the update count
+            events += ["eval_start", f"eval_end {keys},step"]
             events.append(f"epoch_end {epoch} accuracy,loss,val_accuracy,val_loss")
         else:
             events.append(f"epoch_end {epoch} {keys}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -313,9 +314,9 @@ def slow_writes(monkeypatch, seconds=0.3):
     """Makes every background write start late, so training runs on while it is pending."""
     write = tfloop.Checkpointer._write
 
-    def late(self, snapshot, step):
+    def late(self, *args):
         time.sleep(seconds)
-        write(self, snapshot, step)
+        write(self, *args)
 
     monkeypatch.setattr(tfloop.Checkpointer, "_write", late)
 
@@ -671,3 +672,19 @@ def test_state_added_after_a_save_is_in_the_next_checkpoint(tmp_path, async_save
     for step in (4, 6):
         reader = tf.train.load_checkpoint(str(tmp_path / f"ckpt-{step}"))
         np.testing.assert_array_equal(reader.get_tensor(key), [7.0, 8.0])
+
+
+@pytest.mark.slow
+def test_a_killed_run_with_mid_epoch_validation_and_keep_best_resumes_exactly(tmp_path):
+    # 13 micro-batches an epoch, 7 updates: killed 6 micro-batches into epoch 1 (update 10),
+    # after the validation at update 8 and before the one at 12
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    run_job(reference, reference / "out.npz", "--control")
+    run_job(killed, killed / "out.npz", "--control", "--kill-after", "19", expect=-signal.SIGKILL)
+    run_job(killed, killed / "out.npz", "--control")
+    assert_same_npz(reference / "out.npz", killed / "out.npz")
+    straight = json.loads((reference / "out.json").read_text())
+    resumed = json.loads((killed / "out.json").read_text())
+    assert [r["step"] for r in straight["evaluations"]] == [4, 8, 12, 16, 20]
+    assert len(straight["best"]) == 2
+    assert resumed == straight  # History, evaluations, kept checkpoints, the JSONL records

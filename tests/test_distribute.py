@@ -248,7 +248,9 @@ def _start_workers(
     tmp_path: Path, die_at: int = -1, checkpoints: Path | None = None
 ) -> list[subprocess.Popen]:
     ports = ",".join(str(p) for p in _free_ports(2))
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(HERE)}
+    # The tests' directory first, then the caller's path (a source tree under test, say).
+    path = os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": path}
     env.pop("TF_CONFIG", None)
     if checkpoints is not None:
         env["TFLOOP_TEST_CHECKPOINTS"] = str(checkpoints)
@@ -351,3 +353,37 @@ def test_workers_that_restore_different_checkpoints_stop(tmp_path):
             -3000:
         ]
         assert "at updates [0, 4]" in output
+
+
+def test_validation_every_n_steps_under_a_strategy_leaves_training_as_it_was():
+    # Mid-epoch validation shares the metrics' on-read variables with training: their
+    # per-replica running state is put back afterwards.
+    x, y = make_data(40)
+
+    def run(**fit_options):
+        with mirrored().scope():
+            model = make_model()
+            optimizer = keras.optimizers.Adam(0.01)
+        trainer = tfloop.Trainer(
+            model,
+            optimizer,
+            "categorical_crossentropy",
+            metrics=["accuracy"],
+            strategy=mirrored(),
+            steps_per_execution=2,
+            jit_compile=False,
+            seed=0,
+        )
+        history = trainer.fit(
+            (x, y), epochs=2, batch_size=8, validation_data=(x, y), verbose=0, **fit_options
+        )
+        return trainer, history
+
+    plain, plain_history = run()
+    stepped, history = run(validation_every_n_steps=3)
+    assert [record["step"] for record in history.evaluations] == [3, 6, 9]
+    assert history.history == plain_history.history
+    assert_weights_equal(weights_of(plain.model), weights_of(stepped.model))
+    stopped, _ = run(max_steps=9)
+    logs = stopped.evaluate((x, y), batch_size=8)
+    assert history.evaluations[-1] == {"step": 9, "epoch": 1, **{f"val_{k}": logs[k] for k in logs}}

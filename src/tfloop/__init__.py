@@ -7,6 +7,7 @@ Examples:
 """
 
 from tfloop import callbacks, errors
+from tfloop._sidecar import evaluate_checkpoints
 from tfloop._version import __version__
 from tfloop.accumulate import GradientAccumulator
 from tfloop.callbacks import Callback, History
@@ -22,4 +23,5 @@ __all__ = [
     "__version__",
     "callbacks",
     "errors",
+    "evaluate_checkpoints",
 ]

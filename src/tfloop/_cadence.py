@@ -12,6 +12,10 @@ Examples:
     >>> timer = EveryNSeconds(10.0, clock=lambda: next(ticks))
     >>> timer.due(), timer.due()
     (False, True)
+    >>> ticks = iter([0.0, 30.0, 61.0])
+    >>> budget = Deadline(60.0, clock=lambda: next(ticks))
+    >>> budget.expired(), budget.expired()
+    (False, True)
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-__all__ = ["EveryNSeconds", "EveryNSteps"]
+__all__ = ["Deadline", "EveryNSeconds", "EveryNSteps"]
 
 
 class EveryNSteps:
@@ -56,3 +60,16 @@ class EveryNSeconds:
     def reset(self) -> None:
         """Starts the interval again now."""
         self._last = self.clock()
+
+
+class Deadline:
+    """Expires once ``seconds`` have passed since it was made (a time budget)."""
+
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.seconds = float(seconds)
+        self.clock = clock
+        self._start = clock()
+
+    def expired(self) -> bool:
+        """Whether the budget is spent."""
+        return self.clock() - self._start >= self.seconds

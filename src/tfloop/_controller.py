@@ -2,10 +2,10 @@
 
 The Trainer says what one step does; the :class:`Controller` decides when things happen between
 compiled executions: it feeds the compiled loop chunks of steps, sizes each chunk so that a
-checkpoint every n updates or the end of an epoch lands exactly, calls the callbacks, saves,
-and resumes from a checkpoint. It knows no Trainer: it is built from :class:`FitHooks` (the
-step-level operations the Trainer hands over), a ``FitPlan`` (the validated arguments),
-the callbacks and the checkpointer.
+checkpoint or a validation every n updates, ``max_steps`` or the end of an epoch lands exactly,
+calls the callbacks, validates, saves, stops on a budget, and resumes from a checkpoint. It
+knows no Trainer: it is built from :class:`FitHooks` (the step-level operations the Trainer
+hands over), a ``FitPlan`` (the validated arguments), the callbacks and the checkpointer.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 import tensorflow as tf
 
 from tfloop import _distribute
+from tfloop._cadence import Deadline, EveryNSteps
 from tfloop._fit_args import FitPlan
 from tfloop._logs import BATCH, COUNTERS, STEP, WINDOW, floats, without
 from tfloop.callbacks import (
@@ -40,7 +41,7 @@ __all__ = ["Controller", "FitHooks", "StopReason", "run_evaluation"]
 logger = logging.getLogger("tfloop")
 
 Nested = Any
-StopReason = str  # "epochs" | "stop_training" | "preempted"
+StopReason = str  # "epochs" | "max_steps" | "max_time" | "stop_training" | "preempted"
 
 
 @dataclasses.dataclass
@@ -72,12 +73,15 @@ class Controller:
             steps_per_epoch=plan.steps_per_epoch or plan.source.steps_per_epoch,
             validates=plan.validation is not None,
             epoch=plan.initial_epoch,
+            validation_every_n_steps=plan.validation_every_n_steps,
+            max_steps=plan.max_steps,
         )
         self.callbacks = CallbackList()
         self.trainer: TrainerView | None = None  # its stop_training stops the run
         self.stateful: Sequence[Callback] = ()  # the callbacks a checkpoint saves the state of
         self.data_seed = plan.data_seed
         self.stop_reason: StopReason | None = None
+        self.budget_spent: StopReason | None = None  # "max_steps" / "max_time" once reached
         self.preempted = False
         self.train: Callable[..., Any] | None = None
         self.stream: StepStream | None = None
@@ -85,11 +89,19 @@ class Controller:
         self.batch = 0  # micro-batches done in the current epoch
         self.step = 0  # optimizer updates so far
         self.window = 0  # micro-batches in the open accumulation window
+        self.history = History()
+        every = plan.validation_every_n_steps
+        self.every_validation = EveryNSteps(every) if every is not None else None
+        self.deadline: Deadline | None = None
+        self.last_validation: tuple[tuple[int, int, int], dict[str, float]] | None = None
+        self.last_logs: dict[str, float] = {}
 
     def fit(self, trainer: TrainerView, callbacks: Sequence[Callback]) -> History:
         """The whole ``fit``: ``callbacks`` (plus a History, and a ProgressBar if verbose) see
         ``trainer``; returns the History."""
-        history = History()
+        if self.plan.max_time is not None:  # the budget of this call, build and restore included
+            self.deadline = Deadline(self.plan.max_time, self.plan.clock)
+        history = self.history
         extra: list[Callback] = [history, *([ProgressBar()] if self.plan.verbose else [])]
         self.trainer = trainer
         self.callbacks = CallbackList([*callbacks, *extra], trainer=trainer)
@@ -142,6 +154,7 @@ class Controller:
             self.hooks.check_data(self.plan.validation, "validation_data")
         if checkpointer is not None:
             checkpointer.bind(self.hooks.checkpoint_objects(), self.hooks.strategy)
+            checkpointer.bind_monitor(self.trainer)
             if latest is not None:
                 path, metadata = latest
                 checkpointer.restore_into(path, metadata, self.stream)
@@ -170,6 +183,8 @@ class Controller:
         self.batch = int(metadata["batch"])
         self.window = int(metadata.get("window", 0))
         saved = metadata.get("callbacks", {})
+        if "history" in metadata:
+            self.history.load_state_dict(metadata["history"])
         for key, callback in _keyed(self.stateful):
             if key in saved:
                 callback.load_state_dict(saved[key])
@@ -184,28 +199,27 @@ class Controller:
     # --------------------------------------------------------------------------- run
 
     def run(self) -> None:
-        hooks, plan, checkpointer = self.hooks, self.plan, self.checkpointer
+        plan, checkpointer = self.plan, self.checkpointer
         if checkpointer is not None:
             checkpointer.install_signal_handlers()
         try:
             self.callbacks.on_fit_start({})
+            self._check_budgets()  # a run resumed at its max_steps trains nothing
             while self.epoch < plan.epochs and not self._stopping():
                 resumed = self.batch > 0
                 if self.stream is None:
                     self.stream = plan.source.stream(self.epoch, 0)
-                logs = self._train_epoch(resumed)
-                if self._stopping() and self._preempted():
+                logs, complete = self._train_epoch(resumed)
+                # A preemption or a spent budget stops mid-epoch without an epoch end: the
+                # resumed run finishes the epoch (a stop_training does end it, as in Keras).
+                spent = self.budget_spent is not None and not complete
+                if self._stopping() and (self._preempted() or spent):
                     break
-                epoch = self.epoch
-                if plan.validation is not None and plan.validates_after(epoch):
-                    results = hooks.evaluate(plan.validation, self.callbacks)
-                    logs.update({f"val_{name}": value for name, value in results.items()})
-                self.callbacks.on_epoch_end(epoch, logs)
-                self.epoch, self.batch = epoch + 1, 0
-                if not plan.persistent:
-                    self.stream = None
-                if checkpointer is not None and checkpointer.every_epoch:
-                    self._save(logs)
+                self._end_epoch(logs)
+                if self.epoch < plan.epochs:
+                    self._check_budgets()
+            if self.budget_spent is not None and checkpointer is not None:
+                self._save(self.last_logs)  # the stop is a checkpoint (none twice)
             if checkpointer is not None:
                 checkpointer.wait()  # the last checkpoint is complete before fit ends
             self.callbacks.on_fit_end({})
@@ -216,7 +230,9 @@ class Controller:
         self.preempted = self._preempted()
         if self.preempted:
             self.stop_reason = "preempted"
-        elif self._stopping():
+        elif self.budget_spent is not None and self.epoch < plan.epochs:
+            self.stop_reason = self.budget_spent  # the budget cut the run short
+        elif self.trainer is not None and self.trainer.stop_training:
             self.stop_reason = "stop_training"
         else:
             self.stop_reason = "epochs"
@@ -228,7 +244,54 @@ class Controller:
         return update_count(self.trainer)
 
     def _stopping(self) -> bool:
+        if self.budget_spent is not None:
+            return True
         return self.trainer is not None and bool(self.trainer.stop_training)
+
+    def _check_budgets(self) -> None:
+        """Notes a spent ``max_steps`` or ``max_time`` (checked at execution boundaries)."""
+        if self.budget_spent is not None:
+            return
+        if self.plan.max_steps is not None and self.step >= self.plan.max_steps:
+            self.budget_spent = "max_steps"
+        elif self.deadline is not None and self.deadline.expired():
+            self.budget_spent = "max_time"
+
+    def _end_epoch(self, logs: dict[str, float]) -> None:
+        """Validation (every ``validation_freq`` epochs), ``on_epoch_end``, the epoch's save."""
+        plan, checkpointer, epoch = self.plan, self.checkpointer, self.epoch
+        if plan.validation is not None and plan.validates_after(epoch):
+            here = (self.epoch, self.batch, self.step)
+            if self.last_validation is not None and self.last_validation[0] == here:
+                results = self.last_validation[1]  # validated at this very update already
+            else:
+                results = self._validate(step_validation=False)
+            logs.update({f"val_{name}": value for name, value in results.items()})
+        self.callbacks.on_epoch_end(epoch, logs)
+        self.epoch, self.batch = epoch + 1, 0
+        if not plan.persistent:
+            self.stream = None
+        if checkpointer is not None:
+            value = checkpointer.monitored(logs)
+            if checkpointer.every_epoch or value is not None:
+                self._save(logs, value)
+
+    def _validate(self, *, step_validation: bool) -> dict[str, float]:
+        """One validation pass, its eval events (``on_eval_end`` with ``step``); returns the
+        results by their plain names. A validation of ``validation_every_n_steps`` happens
+        mid-epoch: the training metrics' running state is put back after it."""
+        assert self.plan.validation is not None and self.trainer is not None
+        saved = _distribute.save_values(_metric_variables(self.trainer)) if step_validation else []
+        self.info.step_validation = step_validation
+        try:
+            self.callbacks.on_eval_start({})
+            results = self.hooks.evaluate(self.plan.validation, CallbackList())
+            self.callbacks.on_eval_end({**results, STEP: float(self.step)})
+        finally:
+            self.info.step_validation = False
+            _distribute.restore_values(saved)
+        self.last_validation = ((self.epoch, self.batch, self.step), results)
+        return results
 
     def _stop(self) -> None:
         assert self.trainer is not None
@@ -237,7 +300,8 @@ class Controller:
     def _preempted(self) -> bool:
         return self.checkpointer is not None and self.checkpointer.preempted
 
-    def _train_epoch(self, resumed: bool) -> dict[str, float]:
+    def _train_epoch(self, resumed: bool) -> tuple[dict[str, float], bool]:
+        """Trains the rest of the epoch; returns its logs and whether it ran to its end."""
         hooks, plan = self.hooks, self.plan
         assert self.stream is not None and self.train is not None
         stream, steps_per_epoch = self.stream, plan.steps_per_epoch
@@ -246,7 +310,7 @@ class Controller:
         self.info.epoch = self.epoch
         self.callbacks.on_epoch_start(self.epoch, {})
         step_logs: dict[str, float] = {}
-        ran = 0
+        ran, complete = 0, True
         while steps_per_epoch is None or self.batch < steps_per_epoch:
             chunk = stream.next_chunk(self._chunk_limit())
             if chunk is None:
@@ -268,7 +332,9 @@ class Controller:
             )
             # The step that ends the epoch also ends its accumulation window, however partial.
             flush_at = stop - 1 if epoch_over else -1
-            results, raw_step_logs = self.train(piece, start, stop, flush_at)
+            # A step marker for the profiler's overview page (about a microsecond when off).
+            with tf.profiler.experimental.Trace("train", step_num=self.step, _r=1):
+                results, raw_step_logs = self.train(piece, start, stop, flush_at)
             logs = floats(results)
             step_logs = floats(raw_step_logs or {})
             last_step, self.step = self.step, int(logs[STEP])
@@ -276,33 +342,52 @@ class Controller:
             logs.update(step_logs)
             logs[BATCH] = float(self.batch - 1)
             self.callbacks.on_train_batch_end(self.batch - 1, logs)
+            self.last_logs = logs
+            value = None
+            if self.every_validation is not None and self.every_validation.crossed(
+                last_step, self.step
+            ):
+                results = self._validate(step_validation=True)
+                if self.checkpointer is not None:
+                    value = self.checkpointer.monitored(
+                        {f"val_{k}": v for k, v in results.items()}, validation_only=True
+                    )
             checkpointer = self.checkpointer
-            if checkpointer is not None and checkpointer.due(self.step, last_step):
-                self._save(logs)
+            if checkpointer is not None and (
+                checkpointer.due(self.step, last_step) or value is not None
+            ):
+                self._save(logs, value)
                 if checkpointer.preempted:
                     self._stop()
+            self._check_budgets()
             if self._stopping():
+                complete = epoch_over
                 break
         if ran == 0 and not resumed and self.batch == 0:
             raise DataError(f"data yielded no batches in epoch {self.epoch}.")
         logs = floats(without(hooks.results(), [WINDOW]))
         logs.update(step_logs)
-        return without(logs, COUNTERS)
+        return without(logs, COUNTERS), complete
 
     def _chunk_limit(self) -> int:
-        limit = self.plan.source.steps_per_execution
-        if self.plan.steps_per_epoch is not None:
-            limit = min(limit, self.plan.steps_per_epoch - self.batch)
-        checkpointer = self.checkpointer
-        if checkpointer is not None:
-            updates = checkpointer.steps_until_save(self.step)
-            if updates is not None:
-                # Land on the micro-batch that completes the update a save is due at.
-                micro_batches = updates * self.hooks.micro_batches_per_update - self.window
-                limit = min(limit, max(1, micro_batches))
+        plan = self.plan
+        limit = plan.source.steps_per_execution
+        if plan.steps_per_epoch is not None:
+            limit = min(limit, plan.steps_per_epoch - self.batch)
+        # Updates until something due at an exact update count: a save, a validation, the end.
+        targets = [
+            None if self.checkpointer is None else self.checkpointer.steps_until_save(self.step),
+            None if self.every_validation is None else self.every_validation.until_next(self.step),
+            None if plan.max_steps is None else plan.max_steps - self.step,
+        ]
+        updates = min((t for t in targets if t is not None), default=None)
+        if updates is not None:
+            # Land on the micro-batch that completes that update.
+            micro_batches = updates * self.hooks.micro_batches_per_update - self.window
+            limit = min(limit, max(1, micro_batches))
         return max(1, limit)
 
-    def _save(self, logs: dict[str, float]) -> None:
+    def _save(self, logs: dict[str, float], value: float | None = None) -> None:
         checkpointer = self.checkpointer
         assert checkpointer is not None
         stream = self.stream if (self.plan.persistent or self.batch > 0) else None
@@ -312,9 +397,10 @@ class Controller:
             "data_seed": self.data_seed,
             "window": self.window,
             "callbacks": {key: callback.state_dict() for key, callback in _keyed(self.stateful)},
+            "history": self.history.state_dict(),
         }
         position = self.plan.source.position(self.epoch, self.batch, self.stream)
-        path = checkpointer.save(self._updates(), position, stream, state)
+        path = checkpointer.save(self._updates(), position, stream, state, value=value)
         if path is not None:
             if any(_defines_on_checkpoint(callback) for callback in self.callbacks.callbacks):
                 checkpointer.wait()  # on_checkpoint is promised a complete checkpoint
@@ -333,6 +419,10 @@ def run_evaluation(
         logs = floats({**results, **(step_logs or {})})
     callbacks.on_eval_end(logs)
     return logs
+
+
+def _metric_variables(trainer: TrainerView) -> list[Any]:
+    return [variable for metric in trainer.metrics for variable in metric.variables]
 
 
 def _defines_on_checkpoint(callback: Any) -> bool:

@@ -120,6 +120,29 @@ def reset_on_read(variable: tf.Variable, value: Any) -> None:
         variable.assign(value)
 
 
+def local_copies(variables: Any) -> list[tf.Variable]:
+    """Every local copy of ``variables``: a distributed variable's per-replica components, a
+    Keras variable's ``tf.Variable``. Reading and assigning each copy round-trips exactly
+    (an on-read variable's aggregate would be divided among the replicas again on assign)."""
+    copies: list[tf.Variable] = []
+    for variable in variables:
+        inner = _tf_variable(variable)
+        components = getattr(inner, "values", None)
+        copies.extend(components if isinstance(components, tuple) else [inner])
+    return copies
+
+
+def save_values(variables: Any) -> list[tuple[tf.Variable, tf.Tensor]]:
+    """The current value of every local copy of ``variables``, for :func:`restore_values`."""
+    return [(copy, copy.read_value()) for copy in local_copies(variables)]
+
+
+def restore_values(saved: list[tuple[tf.Variable, tf.Tensor]]) -> None:
+    """Puts back what :func:`save_values` read."""
+    for copy, value in saved:
+        copy.assign(value)
+
+
 def uses_accelerators(strategy: tf.distribute.Strategy) -> bool:
     devices = getattr(strategy.extended, "worker_devices", ())
     return any(("GPU" in d.upper() or "TPU" in d.upper()) for d in devices)

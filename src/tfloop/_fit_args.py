@@ -10,7 +10,11 @@ int, or the list of 1-based epochs to validate after).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import datetime
+import math
+import numbers
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -20,7 +24,10 @@ from tfloop import data as data_lib
 from tfloop.data import DataSource
 from tfloop.errors import ConfigError
 
-__all__ = ["FitPlan", "as_data", "plan_fit"]
+__all__ = ["Duration", "FitPlan", "as_data", "plan_fit"]
+
+Duration = float | datetime.timedelta
+"""A time budget: seconds, or a ``datetime.timedelta``."""
 
 
 @dataclasses.dataclass
@@ -35,6 +42,10 @@ class FitPlan:
     validation_freq: int | Sequence[int]  # every n-th epoch, or these 1-based epochs
     verbose: int
     data_seed: int  # the array shuffle's seed (a resume restores the run's own)
+    validation_every_n_steps: int | None = None
+    max_steps: int | None = None  # updates in total, counted across resumes
+    max_time: float | None = None  # seconds of this fit call
+    clock: Callable[[], float] = time.monotonic  # what max_time is measured with
 
     @property
     def persistent(self) -> bool:
@@ -89,6 +100,10 @@ def plan_fit(
     validation_steps: Any,
     validation_batch_size: Any,
     validation_freq: Any,
+    validation_every_n_steps: Any = None,
+    max_steps: Any = None,
+    max_time: Any = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> FitPlan:
     """Checks every argument of ``fit`` and adapts its inputs; raises before anything runs."""
     epochs = _validate.count(epochs, "epochs", minimum=1)
@@ -100,6 +115,9 @@ def plan_fit(
         )
     steps_per_epoch = _validate.optional_count(steps_per_epoch, "steps_per_epoch")
     validation_freq = _validation_freq(validation_freq)
+    every = _validate.optional_count(validation_every_n_steps, "validation_every_n_steps")
+    max_steps = _validate.optional_count(max_steps, "max_steps")
+    seconds = _seconds(max_time)
     verbose = _verbose(verbose)
     shuffle = _validate.boolean(shuffle, "shuffle")
     data = as_data(x, y, sample_weight)
@@ -142,6 +160,11 @@ def plan_fit(
             argument="validation_data",
             passes=max(1, _validations(validation_freq, initial_epoch, epochs)),
         )
+    if every is not None and validation is None:
+        raise ConfigError(
+            f"validation_every_n_steps={every} needs validation data to evaluate; pass "
+            "validation_data=... (or validation_split) to fit, or drop validation_every_n_steps."
+        )
     return FitPlan(
         source=source,
         validation=validation,
@@ -151,6 +174,27 @@ def plan_fit(
         validation_freq=validation_freq,
         verbose=verbose,
         data_seed=data_seed,
+        validation_every_n_steps=every,
+        max_steps=max_steps,
+        max_time=seconds,
+        clock=clock,
+    )
+
+
+def _seconds(max_time: Any) -> float | None:
+    """``max_time`` in seconds: a positive number of seconds or a ``timedelta``, or None."""
+    if isinstance(max_time, datetime.timedelta):
+        seconds = max_time.total_seconds()
+        if seconds > 0:
+            return seconds
+    elif max_time is None:
+        return None
+    elif isinstance(max_time, numbers.Real) and not isinstance(max_time, bool):
+        seconds = float(max_time)
+        if math.isfinite(seconds) and seconds > 0:
+            return seconds
+    raise ConfigError(
+        f"max_time must be a positive number of seconds or a datetime.timedelta, got {max_time!r}."
     )
 
 

@@ -1,4 +1,5 @@
-"""The ``tfloop`` command: ``tfloop plot run.jsonl`` draws a run's curves to a PNG.
+"""The ``tfloop`` command: ``tfloop plot run.jsonl`` draws a run's curves to a PNG;
+``tfloop evaluate-checkpoints script.py DIRECTORY`` evaluates a run's checkpoints as they appear.
 
 Examples:
     >>> import os, tempfile
@@ -17,13 +18,20 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import importlib
+import json
+import math
+import runpy
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
-from tfloop.errors import TfloopError
+from tfloop.errors import ConfigError, TfloopError
 
-__all__ = ["main"]
+__all__ = ["load_evaluation", "main"]
+
+DEFAULT_FUNCTION = "evaluation"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,12 +48,31 @@ def _parser() -> argparse.ArgumentParser:
         "-k", "--keys", help="comma-separated keys to draw, e.g. loss,val_loss (default: all)"
     )
     plot.add_argument("--title", help="a title for the figure")
+    evaluate = commands.add_parser(
+        "evaluate-checkpoints",
+        help="evaluate each checkpoint of a directory, then each new one as it appears",
+        description="Runs tfloop.evaluate_checkpoints: one JSON line per checkpoint on stdout.",
+    )
+    evaluate.add_argument(
+        "target",
+        help=f"SCRIPT.py[:FUNCTION] or MODULE[:FUNCTION]; FUNCTION (default "
+        f"{DEFAULT_FUNCTION!r}) takes no argument and returns (trainer, data)",
+    )
+    evaluate.add_argument("directory", type=Path, help="the training job's checkpoint directory")
+    evaluate.add_argument("--steps", type=int, help="batches of data per evaluation (default: all)")
+    evaluate.add_argument(
+        "--timeout",
+        type=float,
+        help="stop after this many seconds without a new checkpoint (default: wait forever)",
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     args = _parser().parse_args(argv)
+    if args.command == "evaluate-checkpoints":
+        return _evaluate_checkpoints(args)
     from tfloop.callbacks.history import History
 
     output = args.output or args.log.with_suffix(".png")
@@ -57,6 +84,61 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tfloop plot: {error}", file=sys.stderr)
         return 1
     print(written)
+    return 0
+
+
+def load_evaluation(target: str) -> Callable[[], Any]:
+    """The function ``target`` names: ``path/to/script.py[:name]`` (run without its
+    ``if __name__ == "__main__":`` block) or ``package.module[:name]``; ``name`` defaults to
+    ``evaluation``.
+
+    Examples:
+        >>> load_evaluation("json:dumps")([1])
+        '[1]'
+    """
+    where, _, name = target.rpartition(":") if ":" in target else (target, "", "")
+    name = name or DEFAULT_FUNCTION
+    namespace: dict[str, Any]
+    if where.endswith(".py") or "/" in where:
+        if not Path(where).is_file():
+            raise ConfigError(f"evaluate-checkpoints: no script at {where!r}.")
+        namespace = runpy.run_path(where, run_name="__tfloop_evaluation__")
+    else:
+        try:
+            namespace = vars(importlib.import_module(where))
+        except ImportError as error:
+            raise ConfigError(
+                f"evaluate-checkpoints: cannot import {where!r} ({error})."
+            ) from error
+    function = namespace.get(name)
+    if not callable(function):
+        raise ConfigError(
+            f"evaluate-checkpoints: {where!r} defines no function {name!r}; define "
+            f"{name}() returning (trainer, data), or name another as {where}:FUNCTION."
+        )
+    return function  # type: ignore[no-any-return]
+
+
+def _evaluate_checkpoints(args: argparse.Namespace) -> int:
+    from tfloop._sidecar import evaluate_checkpoints
+
+    try:
+        made = load_evaluation(args.target)()
+        if not (isinstance(made, tuple) and len(made) == 2):
+            raise ConfigError(
+                f"evaluate-checkpoints: {args.target} must return (trainer, data), got "
+                f"{type(made).__name__}."
+            )
+        trainer, data = made
+        results = evaluate_checkpoints(
+            trainer, args.directory, data, steps=args.steps, timeout=args.timeout
+        )
+        for step, logs in results:
+            values = {k: v if math.isfinite(v) else None for k, v in logs.items()}
+            print(json.dumps({"step": step, **values}), flush=True)
+    except TfloopError as error:
+        print(f"tfloop evaluate-checkpoints: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

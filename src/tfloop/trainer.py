@@ -24,7 +24,7 @@ from tfloop._compile import compile_model
 from tfloop._controller import Controller
 from tfloop._engine import Engine, StepMethods
 from tfloop._export import export_model
-from tfloop._fit_args import as_data, plan_fit
+from tfloop._fit_args import Duration, as_data, plan_fit
 from tfloop._logs import as_list
 from tfloop._update import NonFinitePolicy, UpdateRule
 from tfloop.callbacks import CallbackList, History, ProgressBar, RunInfo
@@ -342,6 +342,9 @@ class Trainer:
         validation_steps: int | None = None,
         validation_batch_size: int | None = None,
         validation_freq: int = 1,
+        validation_every_n_steps: int | None = None,
+        max_steps: int | None = None,
+        max_time: Duration | None = None,
     ) -> History:
         """Trains for ``epochs`` epochs and returns the :class:`History` of epoch logs.
 
@@ -354,7 +357,10 @@ class Trainer:
         ``validation_batch_size``, ``validation_freq``. ``epochs`` is the epoch to stop at
         (counted from 0, including ``initial_epoch``); ``verbose=1`` shows progress (a bar on a
         terminal, plain lines otherwise). ``callbacks`` are added to the Trainer's for this
-        call.
+        call. Beyond Keras (docs/training-control.md): ``validation_every_n_steps=n`` also
+        validates after every n-th update, mid-epoch too; ``max_steps`` stops after that many
+        updates in all (counted across resumes), ``max_time`` at the first execution boundary
+        after that many seconds (or a timedelta) of this call; a Checkpointer saves at the stop.
         """
         arguments = dict(locals())
         del arguments["self"], arguments["callbacks"]

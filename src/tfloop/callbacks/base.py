@@ -26,6 +26,10 @@ class RunInfo:
         steps_per_epoch: micro-batches per epoch, if known.
         validates: whether this ``fit`` has validation data.
         epoch: the current epoch (0-based).
+        validation_every_n_steps: ``fit(validation_every_n_steps=...)``, or ``None``.
+        step_validation: ``True`` during a validation pass of ``validation_every_n_steps``
+            (from its ``on_eval_start`` to its ``on_eval_end``, whose logs then hold ``step``).
+        max_steps: ``fit(max_steps=...)`` (updates in total), or ``None``.
     """
 
     in_fit: bool = False
@@ -33,6 +37,9 @@ class RunInfo:
     steps_per_epoch: int | None = None
     validates: bool = False
     epoch: int = 0
+    validation_every_n_steps: int | None = None
+    step_validation: bool = False
+    max_steps: int | None = None
 
 
 class TrainerView(Protocol):
@@ -101,7 +108,12 @@ class Callback:
         """Before ``evaluate`` (or a validation pass inside ``fit``)."""
 
     def on_eval_end(self, logs: Logs) -> None:
-        """After ``evaluate`` (or a validation pass), with its results."""
+        """After ``evaluate`` (or a validation pass), with its results.
+
+        Inside ``fit`` the results have their plain names (``loss``, not ``val_loss``) and
+        ``step``, the update count they were measured at; ``trainer.run_info.step_validation``
+        tells a validation of ``validation_every_n_steps`` from an epoch end's.
+        """
 
     def on_predict_start(self, logs: Logs) -> None:
         """Before ``predict``."""

@@ -7,8 +7,9 @@ import io
 import os
 from typing import Any
 
+from tfloop._logs import COUNTERS, STEP, without
 from tfloop.callbacks._logfile import LogFile
-from tfloop.callbacks.base import Callback, Logs
+from tfloop.callbacks.base import Callback, Logs, update_count
 from tfloop.errors import ConfigError
 
 __all__ = ["CSVLogger"]
@@ -23,6 +24,10 @@ class CSVLogger(Callback):
     ``state_dict()`` holds the columns and the number of rows, so a run resumed from a
     checkpoint cuts the file back to the rows that checkpoint had seen, and no epoch appears
     twice.
+
+    With ``fit(validation_every_n_steps=n)`` every row also has ``step`` (the update count),
+    and each such validation adds a row of its own: ``epoch`` (the epoch it fell in), ``step``
+    and the ``val_*`` values, the training columns empty.
 
     Args:
         filename: the CSV file; parent directories are created.
@@ -60,6 +65,18 @@ class CSVLogger(Callback):
         return self._file.path
 
     def on_epoch_end(self, epoch: int, logs: Logs) -> None:
+        info = None if self.trainer is None else self.trainer.run_info
+        if info is not None and info.validation_every_n_steps is not None:
+            logs = {STEP: update_count(self.trainer), **logs}
+        self._row(epoch, logs)
+
+    def on_eval_end(self, logs: Logs) -> None:
+        info = None if self.trainer is None else self.trainer.run_info
+        if info is not None and info.in_fit and info.step_validation:
+            values = {f"val_{name}": value for name, value in without(logs, COUNTERS).items()}
+            self._row(info.epoch, {STEP: int(logs[STEP]), **values})
+
+    def _row(self, epoch: int, logs: dict[str, Any]) -> None:
         self._start()
         new = [name for name in sorted(logs) if name not in self.columns]
         if new or not self.columns:

@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 
 from tfloop import _validate
+from tfloop._monitor import Monitor
 from tfloop.callbacks._common import restore_weights, snapshot_weights
-from tfloop.callbacks._monitor import Monitor
 from tfloop.callbacks.base import Callback, Logs
 
 __all__ = ["EarlyStopping"]

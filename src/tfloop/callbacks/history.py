@@ -1,11 +1,14 @@
-"""History: the per-epoch logs of ``fit``, as in Keras, and a plot of them."""
+"""History: the per-epoch logs of ``fit``, as in Keras, its validations every n updates, and a
+plot of them."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+from tfloop._logs import COUNTERS, STEP, without
 from tfloop.callbacks.base import Callback, Logs
 
 __all__ = ["History"]
@@ -19,6 +22,12 @@ class History(Callback):
             key only gets values for the epochs that had it (``val_*`` with
             ``validation_freq > 1``).
         epoch: the epoch indices that were recorded.
+        evaluations: one dict per validation of ``fit(validation_every_n_steps=n)``, in order:
+            ``{"step": 500, "epoch": 0, "val_loss": ..., ...}`` (``step``: the update count
+            it was measured at; ``epoch``: the epoch it fell in, 0-based).
+
+    A checkpoint holds the History (``state_dict``): a run resumed from one returns the
+    History of the whole run, as an uninterrupted run would.
 
     Examples:
         >>> h = History()
@@ -31,6 +40,7 @@ class History(Callback):
     def __init__(self) -> None:
         self.history: dict[str, list[float]] = {}
         self.epoch: list[int] = []
+        self.evaluations: list[dict[str, Any]] = []
         self._records: list[tuple[int, dict[str, float]]] = []
 
     def on_epoch_end(self, epoch: int, logs: Logs) -> None:
@@ -38,6 +48,25 @@ class History(Callback):
         self._records.append((epoch, dict(logs)))
         for name, value in logs.items():
             self.history.setdefault(name, []).append(value)
+
+    def on_eval_end(self, logs: Logs) -> None:
+        info = None if self.trainer is None else self.trainer.run_info
+        if info is not None and info.in_fit and info.step_validation:
+            record: dict[str, Any] = {"step": int(logs[STEP]), "epoch": info.epoch}
+            record.update({f"val_{k}": v for k, v in without(logs, COUNTERS).items()})
+            self.evaluations.append(record)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epochs": [[epoch, logs] for epoch, logs in self._records],
+            "evaluations": [dict(record) for record in self.evaluations],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history, self.epoch, self._records = {}, [], []
+        for epoch, logs in state.get("epochs", []):
+            self.on_epoch_end(int(epoch), dict(logs))
+        self.evaluations = [dict(record) for record in state.get("evaluations", [])]
 
     @classmethod
     def from_jsonl(cls, path: str | os.PathLike[str]) -> History:

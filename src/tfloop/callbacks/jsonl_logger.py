@@ -9,7 +9,7 @@ from typing import Any
 
 from tfloop import _validate
 from tfloop._cadence import EveryNSteps
-from tfloop._logs import COUNTERS, without
+from tfloop._logs import COUNTERS, STEP, without
 from tfloop.callbacks._common import finite_or_none
 from tfloop.callbacks._logfile import LogFile
 from tfloop.callbacks.base import Callback, Logs, update_count
@@ -28,7 +28,11 @@ class JSONLLogger(Callback):
       ``every_n_steps`` is set: at the end of the first execution that reaches each multiple
       of ``every_n_steps`` updates, so under ``steps_per_execution=K`` ``step`` may be past the
       multiple (by less than K); the values are the running epoch metrics;
-    - ``{"event": "evaluate", "step": ..., "loss": ...}`` after ``evaluate`` outside ``fit``.
+    - ``{"event": "validation", "epoch": 0, "step": 500, "val_loss": ...}`` after each
+      validation of ``fit(validation_every_n_steps=n)``, at exactly that update count;
+    - ``{"event": "evaluate", "step": ..., "loss": ...}`` after ``evaluate`` outside ``fit``
+      (``step``: the optimizer's update count, so a sidecar job running
+      ``tfloop.evaluate_checkpoints`` logs each checkpoint at its step).
 
     NaN and Inf are written as ``null`` (strict JSON). Each record is one ``write`` followed by
     a flush, so a killed process leaves at most a partial last line, which the next open drops.
@@ -89,9 +93,15 @@ class JSONLLogger(Callback):
         self._write({"event": "epoch", "epoch": epoch, **logs}, self._current_step(0))
 
     def on_eval_end(self, logs: Logs) -> None:
-        if self.trainer is not None and not self.trainer.run_info.in_fit:
+        if self.trainer is None:
+            return
+        info = self.trainer.run_info
+        if not info.in_fit:
             self._write({"event": "evaluate", **logs}, self._current_step(0))
             self._file.close()
+        elif info.step_validation:
+            values = {f"val_{name}": value for name, value in without(logs, COUNTERS).items()}
+            self._write({"event": "validation", "epoch": info.epoch, **values}, int(logs[STEP]))
 
     def on_fit_end(self, logs: Logs) -> None:
         self._last_step = None

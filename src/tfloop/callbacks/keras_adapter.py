@@ -9,8 +9,8 @@ import keras
 import numpy as np
 
 from tfloop._logs import COUNTERS, without
+from tfloop._monitor import flat_metrics
 from tfloop.callbacks._common import restore_weights, snapshot_weights
-from tfloop.callbacks._monitor import flat_metrics
 from tfloop.callbacks.base import Callback, Logs, TrainerView
 from tfloop.errors import ConfigError
 
@@ -117,7 +117,7 @@ class KerasCallbacks(Callback):
         self._each("on_test_begin", logs)
 
     def on_eval_end(self, logs: Logs) -> None:
-        self._each("on_test_end", logs)
+        self._each("on_test_end", without(logs, COUNTERS))
 
     def on_predict_start(self, logs: Logs) -> None:
         self._each("on_predict_begin", logs)

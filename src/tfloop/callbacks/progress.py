@@ -8,7 +8,7 @@ from typing import IO, Any
 
 from tqdm.auto import tqdm
 
-from tfloop._logs import format_logs
+from tfloop._logs import COUNTERS, format_logs, without
 from tfloop.callbacks.base import Callback, Logs
 
 __all__ = ["ProgressBar"]
@@ -86,8 +86,16 @@ class ProgressBar(Callback):
         self._write(f"{label} - {elapsed:.1f}s - {format_logs(logs)}")
 
     def on_eval_end(self, logs: Logs) -> None:
-        if self.trainer is not None and self.trainer.run_info.in_fit:
-            return  # validation results are part of the epoch line
+        info = None if self.trainer is None else self.trainer.run_info
+        if info is not None and info.in_fit:
+            if info.step_validation:  # an epoch's validation is part of the epoch line
+                values = {f"val_{k}": v for k, v in without(logs, COUNTERS).items()}
+                line = f"validation at step {int(logs['step'])} - {format_logs(values)}"
+                if self._bar is not None:
+                    self._bar.write(line, file=self.stream)
+                else:
+                    self._write(line)
+            return
         self._write(f"evaluate - {format_logs(logs)}")
 
     def _write(self, line: str) -> None:

@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 
 from tfloop import _validate
+from tfloop._monitor import Monitor
 from tfloop.callbacks._common import has_schedule, learning_rate_of
-from tfloop.callbacks._monitor import Monitor
 from tfloop.callbacks.base import Callback, Logs
 from tfloop.errors import ConfigError
 

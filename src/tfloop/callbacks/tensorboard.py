@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from tfloop import _validate
 from tfloop._cadence import EveryNSteps
-from tfloop._logs import COUNTERS, without
+from tfloop._logs import COUNTERS, STEP, without
 from tfloop.callbacks._common import learning_rate_of
 from tfloop.callbacks.base import Callback, Logs, update_count
 from tfloop.callbacks.throughput import Throughput
@@ -36,7 +36,9 @@ class TensorBoard(Callback):
     ``epoch_steps_per_second`` and ``epoch_samples_per_second``. With ``update_freq=n`` the
     running metrics are also written as ``batch_<name>`` at step = optimizer updates, at the end
     of the first execution that reaches each multiple of ``n`` updates (so at most once per
-    execution). ``evaluate`` outside ``fit`` writes ``evaluation_<name>_vs_iterations``.
+    execution). ``evaluate`` outside ``fit``, and each validation of
+    ``fit(validation_every_n_steps=n)``, write ``evaluation_<name>_vs_iterations`` under
+    ``validation`` at step = optimizer updates.
 
     Needs the ``tensorboard`` package (``pip install 'tfloop[tensorboard]'``); without it the
     constructor raises :class:`tfloop.errors.ConfigError` saying so.
@@ -124,13 +126,25 @@ class TensorBoard(Callback):
         for writer in self._writers.values():
             writer.flush()
 
+    def on_eval_start(self, logs: Logs) -> None:
+        if self._throughput is not None:
+            self._throughput.on_eval_start(logs)
+
     def on_eval_end(self, logs: Logs) -> None:
-        if self.trainer is None or self.trainer.run_info.in_fit:
+        if self._throughput is not None:
+            self._throughput.on_eval_end(logs)
+        if self.trainer is None:
             return
-        step = update_count(self.trainer)
-        values = {f"evaluation_{k}_vs_iterations": v for k, v in logs.items()}
+        info = self.trainer.run_info
+        if info.in_fit and not info.step_validation:
+            return  # an epoch's validation: written with the epoch
+        step = int(logs[STEP]) if info.in_fit else update_count(self.trainer)
+        values = {f"evaluation_{k}_vs_iterations": v for k, v in without(logs, COUNTERS).items()}
         self._scalars("validation", values, step)
-        self.close()
+        if info.in_fit:
+            self._writer("validation").flush()
+        else:
+            self.close()
 
     def on_fit_end(self, logs: Logs) -> None:
         self.close()

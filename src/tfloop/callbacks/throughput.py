@@ -20,7 +20,8 @@ class Throughput(Callback):
 
     Batch logs get the rates of the execution that just ran (its steps over the time since the
     previous batch event, or since the epoch started); epoch logs get the rates over the
-    epoch's training, from its start to its last execution, so validation time is not counted.
+    epoch's training, from its start to its last execution, so validation time is not counted
+    (a validation of ``validation_every_n_steps``, in the middle of the epoch, is left out too).
     Steps are optimizer updates (the ``step`` in the logs): with ``accumulate_steps=k`` one
     step is k micro-batches. Samples are the examples the loss was averaged over, read from the
     Trainer's ``loss_tracker`` (a subclass whose ``train_step`` updates it without
@@ -50,6 +51,7 @@ class Throughput(Callback):
     def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
         self.clock = clock
         self._start = self._last = (0.0, 0.0, 0)  # (time, samples, steps)
+        self._paused_at: float | None = None
 
     def _samples(self) -> float:
         tracker = getattr(self.trainer, "loss_tracker", None)
@@ -67,6 +69,21 @@ class Throughput(Callback):
 
     def on_epoch_end(self, epoch: int, logs: Logs) -> None:
         _add_rates(logs, self._start, self._last)
+
+    def on_eval_start(self, logs: Logs) -> None:
+        if self._mid_epoch_validation():
+            self._paused_at = self.clock()
+
+    def on_eval_end(self, logs: Logs) -> None:
+        if self._paused_at is not None and self._mid_epoch_validation():
+            pause, self._paused_at = self.clock() - self._paused_at, None
+            # The clock of the epoch and of the next execution stood still meanwhile.
+            self._start = (self._start[0] + pause, *self._start[1:])
+            self._last = (self._last[0] + pause, *self._last[1:])
+
+    def _mid_epoch_validation(self) -> bool:
+        info = getattr(self.trainer, "run_info", None)
+        return bool(info is not None and info.in_fit and info.step_validation)
 
 
 def _add_rates(

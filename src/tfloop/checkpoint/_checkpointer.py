@@ -35,6 +35,7 @@ import tensorflow as tf
 from tfloop import _distribute, _validate
 from tfloop._cadence import EveryNSeconds, EveryNSteps
 from tfloop.checkpoint._background import WriterThread
+from tfloop.checkpoint._best import BestCheckpoints
 from tfloop.checkpoint._fastsave import FastWriter, Snapshot
 from tfloop.checkpoint._frozen import SnapshotMap
 from tfloop.checkpoint._metadata import (
@@ -81,6 +82,14 @@ class Checkpointer:
             ``on_checkpoint`` (which is promised a complete checkpoint), and under a
             ``tf.distribute`` strategy. ``False`` writes every checkpoint before training
             continues.
+        keep_best: besides the newest ``max_to_keep``, keep the ``keep_best`` checkpoints with
+            the best ``monitor`` value. A checkpoint is saved wherever that value is known
+            (each epoch end; each validation of ``fit(validation_every_n_steps=...)`` for a
+            ``val_*`` key); :attr:`best` is the best one's path. The records are in every
+            checkpoint, so they survive a resume.
+        monitor: the log key ``keep_best`` ranks by (a key the logs never have is a
+            ConfigError listing the keys they have).
+        mode: ``"min"``, ``"max"`` or ``"auto"`` (a loss goes down, a metric asks itself).
 
     Examples:
         >>> import tempfile, numpy as np, keras, tfloop
@@ -91,6 +100,9 @@ class Checkpointer:
         >>> _ = trainer.fit((np.ones((8, 2)), np.ones((8, 1))), epochs=1, batch_size=2, verbose=0)
         >>> sorted(p.name for p in Path(directory).glob("ckpt-*.index"))
         ['ckpt-2.index', 'ckpt-4.index']
+        >>> best = tfloop.Checkpointer(directory, keep_best=2, monitor="loss")
+        >>> best.keep_best, best.best
+        (2, None)
     """
 
     def __init__(
@@ -106,6 +118,9 @@ class Checkpointer:
         preemption_signals: Sequence[int] = (signal.SIGTERM,),
         exit_code: int | None = None,
         async_save: bool = True,
+        keep_best: int = 0,
+        monitor: str = "val_loss",
+        mode: str = "auto",
     ) -> None:
         if not isinstance(directory, (str, os.PathLike)):
             raise ConfigError(f"directory must be a path, got {directory!r}.")
@@ -123,6 +138,8 @@ class Checkpointer:
         self.preemption_signals = tuple(preemption_signals)
         self.exit_code = exit_code
         self.async_save = _validate.boolean(async_save, "async_save")
+        self.keep_best = _validate.count(keep_best, "keep_best", owner="Checkpointer")
+        self._best = BestCheckpoints(self.keep_best, monitor, mode)
         self.last_saved: str | None = None
         self.saved_iterator = False  # whether the last save included a tf.data iterator
         self._signals = PreemptionSignals(self.preemption_signals)
@@ -158,6 +175,17 @@ class Checkpointer:
         return [] if self._manager is None else list(self._manager.checkpoints)
 
     @property
+    def best(self) -> str | None:
+        """The path of the best checkpoint by ``monitor`` (None: none yet, or no keep-best)."""
+        step = self._best.best_step
+        return None if step is None else str(self.directory / f"ckpt-{step}")
+
+    @property
+    def best_checkpoints(self) -> list[tuple[str, float]]:
+        """The ``keep_best`` checkpoints and their monitored values, best first."""
+        return [(str(self.directory / f"ckpt-{s}"), v) for s, v in self._best.records]
+
+    @property
     def writing(self) -> bool:
         """Whether a background write may still be running (see :meth:`wait`)."""
         return self._pending is not None
@@ -166,7 +194,8 @@ class Checkpointer:
         """Creates the directory and proves it writable; a CheckpointError names it if not."""
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            probe = self.directory / ".tfloop-write-test"
+            # One probe per process: the workers of a cluster check the same directory.
+            probe = self.directory / f".tfloop-write-test-{os.getpid()}"
             probe.write_text("ok")
             probe.unlink()
         except OSError as error:
@@ -237,6 +266,23 @@ class Checkpointer:
             return self.directory
         return self.directory / f".tfloop-{_distribute.task_id()}"
 
+    def bind_monitor(self, trainer: Any) -> None:
+        """At the start of ``fit``: checks ``monitor`` against the run (a ``TrainerView``)."""
+        if self.keep_best:
+            self._best.monitor.bind(trainer)
+
+    def monitored(
+        self, logs: Mapping[str, float], *, validation_only: bool = False
+    ) -> float | None:
+        """The ``keep_best`` value in ``logs``: a save there is a candidate (None: keep-best is
+        off or the value is not there). ``validation_only``: the logs of a validation of
+        ``validation_every_n_steps``, where only a ``val_*`` key is judged."""
+        return self._best.value(logs, validation_only=validation_only)
+
+    def _kept_paths(self) -> list[str]:
+        assert self._writer is not None
+        return [self._writer.path(step) for step in self._best.steps]
+
     # ---------------------------------------------------------------------------- restore
 
     def candidates(self) -> list[str]:
@@ -286,6 +332,12 @@ class Checkpointer:
                 stream.finish()
             stream.restore_leftover(decode_leftover(metadata, self._leftover.numpy()))
         self._last_position = (position.epoch, position.batch, int(metadata["step"]))
+        assert self._writer is not None and self._manager is not None
+        writer = self._writer
+        self._best.load(
+            metadata.get("best"), lambda step: os.path.exists(f"{writer.path(step)}.index")
+        )
+        writer.kept = [p for p in self._kept_paths() if p not in self._manager.checkpoints]
 
     # ------------------------------------------------------------------------------- save
 
@@ -307,6 +359,8 @@ class Checkpointer:
         position: Position,
         stream: StepStream | None,
         state: Mapping[str, Any],
+        *,
+        value: float | None = None,
     ) -> str | None:
         """Saves a checkpoint at update ``step`` and data ``position``; returns its path.
 
@@ -314,10 +368,13 @@ class Checkpointer:
         ``state`` is the run's JSON state (shuffle seed, window, callbacks). With
         ``async_save`` the files may still be being written when this returns (see
         :meth:`wait`); the state saved is the state at this call either way. Returns None
-        when this exact state is already saved.
+        when this exact state is already saved. ``value``: the :meth:`monitored` value at this
+        save, a ``keep_best`` candidate.
         """
         assert self._manager is not None and self._writer is not None, "bind() first"
         self.wait()
+        if value is not None:
+            self._best.offer(step, value)
         if self._last_position == (position.epoch, position.batch, step):
             return None
         iterator = None if stream is None or not self.save_iterator else stream.iterator
@@ -336,6 +393,7 @@ class Checkpointer:
             **dataclasses.asdict(position),
             **state,
             **fields,
+            "best": self._best.state(),
         }
         encoded = tf.constant(json.dumps(metadata))
         # A preemption save is the manager's own: the last save of the process takes the
@@ -344,19 +402,19 @@ class Checkpointer:
         snapshot = None
         if not self.preempted and self._strategy is None:
             snapshot = self._writer.snapshot([encoded, leftover], compiled_only=not self.async_save)
-        path = self._writer.path(step)
+        path, keep = self._writer.path(step), self._kept_paths()
         if snapshot is None:
             self._leftover.assign(leftover)
             self._metadata.assign(encoded)
-            path = self._manager.save(checkpoint_number=step)
+            path = self._writer.manager_save(step, keep)
             if self._manager.directory != str(self.directory):  # a worker's copy, not needed
                 shutil.rmtree(self._manager.directory, ignore_errors=True)
                 path = str(self.directory / os.path.basename(path))  # the chief's
         elif self.async_save:
             self._pending = path
-            self._thread.submit(self._write, snapshot, step)
+            self._thread.submit(self._write, snapshot, step, keep)
         else:
-            self._writer.write(snapshot, step)
+            self._writer.write(snapshot, step, keep)
         if self._every_seconds is not None:
             self._every_seconds.reset()
         self._last_position = (position.epoch, position.batch, step)
@@ -372,11 +430,11 @@ class Checkpointer:
         elif hasattr(self._data, "iterator"):
             del self._data.iterator
 
-    def _write(self, snapshot: Snapshot | SnapshotMap, step: int) -> None:
+    def _write(self, snapshot: Snapshot | SnapshotMap, step: int, keep: list[str]) -> None:
         """The background write; an error is kept for :meth:`wait` to raise."""
         assert self._writer is not None
         try:
-            self._writer.write(snapshot, step)
+            self._writer.write(snapshot, step, keep)
         except BaseException as error:  # kept for wait() to raise on the training thread
             self._write_error = error
 

@@ -37,7 +37,7 @@ import contextlib
 import glob
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import tensorflow as tf
@@ -84,6 +84,8 @@ class FastWriter:
         self._plan: tuple[list[Edge], Plan | None] | None = None  # (graph, plan) of last save
         self._reader: tuple[list[int], Any] | None = None  # (variable ids, batched read)
         self._writer_fn: tuple[Any, Any] | None = None  # (layout, traced write) of the last plan
+        # Checkpoints kept past max_to_keep (out of the index, still on disk): see write(keep=).
+        self.kept: list[str] = []
         # Made now, not by the first save: a background write must not add to the object graph.
         _ = checkpoint.save_counter
 
@@ -139,14 +141,21 @@ class FastWriter:
             return None
         return stand_ins(plan, read, frozen)
 
-    def write(self, snapshot: Snapshot | SnapshotMap, step: int) -> None:
-        """Writes checkpoint ``step`` from a snapshot; the ``checkpoint`` index last."""
+    def write(
+        self, snapshot: Snapshot | SnapshotMap, step: int, keep: Collection[str] = ()
+    ) -> None:
+        """Writes checkpoint ``step`` from a snapshot; the ``checkpoint`` index last.
+
+        ``keep``: checkpoint prefixes not deleted when they fall out of ``max_to_keep``; they
+        leave the index (as TF's ``keep_checkpoint_every_n_hours`` keeps one) and are held in
+        :attr:`kept` until a later write no longer names them in ``keep``.
+        """
         if isinstance(snapshot, SnapshotMap):
             # The manager's usual save, fed the snapshot's tensors through the object map.
             saver = self._checkpoint._saver
             saver._object_map = snapshot
             try:
-                self._manager.save(checkpoint_number=step)
+                self.manager_save(step, keep)
             finally:
                 saver._object_map = None
             return
@@ -159,7 +168,18 @@ class FastWriter:
             write._call_flat(inputs, write.captured_inputs)
         except tf.errors.OpError as error:
             raise eager_message(error) from error
-        self._record(path)
+        self._record(path, keep)
+
+    def manager_save(self, step: int, keep: Collection[str] = ()) -> str:
+        """``CheckpointManager.save`` of checkpoint ``step``, with :meth:`write`'s ``keep``."""
+        manager = self._manager
+        limit, manager._max_to_keep = manager._max_to_keep, None  # no sweep of its own
+        try:
+            path: str = manager.save(checkpoint_number=step)
+        finally:
+            manager._max_to_keep = limit
+        self._sweep(self._expired(), keep)
+        return path
 
     def _current_plan(self) -> Plan | None:
         """The plan of the saved objects as they are now.
@@ -274,7 +294,7 @@ class FastWriter:
             plan.graph = tf.constant(graph.SerializeToString(), dtype=tf.string)
         return True
 
-    def _record(self, path: str) -> None:
+    def _record(self, path: str, keep: Collection[str] = ()) -> None:
         """The manager's bookkeeping after a save, as ``CheckpointManager.save`` does it.
 
         The new checkpoint goes into the ``checkpoint`` index and the ones beyond
@@ -289,12 +309,25 @@ class FastWriter:
         manager._maybe_delete.pop(path, None)  # a checkpoint saved again goes to the end
         manager._maybe_delete[path] = timestamp
         manager._latest_checkpoint = path
-        expired = []
-        while len(manager._maybe_delete) > manager._max_to_keep:
+        self._sweep(self._expired(), keep)
+
+    def _expired(self) -> list[str]:
+        """Takes the checkpoints beyond ``max_to_keep`` out of the manager's list."""
+        manager, expired = self._manager, []
+        while manager._max_to_keep and len(manager._maybe_delete) > manager._max_to_keep:
             expired.append(manager._maybe_delete.popitem(last=False)[0])
-        manager._record_state()
-        for prefix in expired:
-            delete_checkpoint_files(prefix)
+        return expired
+
+    def _sweep(self, expired: list[str], keep: Collection[str]) -> None:
+        """Writes the index, then deletes the ``expired`` checkpoints and those :attr:`kept`
+        ones that ``keep`` no longer names (a checkpoint in the index is never deleted)."""
+        self._manager._record_state()
+        listed = self._manager._maybe_delete
+        candidates = list(dict.fromkeys([*self.kept, *expired]))
+        self.kept = [p for p in candidates if p in keep and p not in listed]
+        for prefix in candidates:
+            if prefix not in keep and prefix not in listed:
+                delete_checkpoint_files(prefix)
 
 
 class Plan:

@@ -16,7 +16,13 @@ from tfloop import _validate
 from tfloop.checkpoint._metadata import CORRUPT_ERRORS, FORMAT_VERSION
 from tfloop.errors import CheckpointError
 
-__all__ = ["find_candidates", "latest_readable", "read_metadata"]
+__all__ = [
+    "checkpoint_number",
+    "complete_checkpoints",
+    "find_candidates",
+    "latest_readable",
+    "read_metadata",
+]
 
 logger = logging.getLogger("tfloop")
 
@@ -57,6 +63,36 @@ def find_candidates(directory: Path, restore: str | os.PathLike[str] | None) -> 
     # TF has already joined relative entries with the directory.
     paths = list(state.all_model_checkpoint_paths) or [state.model_checkpoint_path]
     return list(reversed(paths))
+
+
+def complete_checkpoints(directory: str | os.PathLike[str]) -> list[str]:
+    """The complete checkpoints in ``directory``, oldest first (by the number in the name).
+
+    Only what the ``checkpoint`` index names (it is written after a checkpoint's files are
+    complete) and the keep-best checkpoints its newest one records: never a save in progress,
+    nor the private copies other workers write into subdirectories.
+    """
+    directory = Path(directory)
+    paths = find_candidates(directory, "latest")  # newest first
+    if paths:
+        try:
+            best = read_metadata(paths[0]).get("best") or []
+        except CORRUPT_ERRORS:
+            best = []  # not a tfloop checkpoint, or being replaced: the index is enough
+        for step, _ in best:
+            path = str(directory / f"ckpt-{step}")
+            if os.path.exists(path + ".index"):
+                paths.append(path)
+    by_number = {checkpoint_number(path): path for path in reversed(paths)}
+    return [by_number[number] for number in sorted(by_number)]
+
+
+def checkpoint_number(path: str) -> int:
+    """The ``n`` of ``.../ckpt-n`` (tfloop's checkpoints are numbered by update count)."""
+    try:
+        return int(path.rsplit("-", 1)[1])
+    except (IndexError, ValueError):
+        return -1
 
 
 def read_metadata(path: str) -> dict[str, Any]:

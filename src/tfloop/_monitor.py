@@ -1,11 +1,16 @@
-"""The quantity EarlyStopping and ReduceLROnPlateau watch: lookup, direction, improvement."""
+"""A monitored quantity: its lookup in the logs, its direction, and what counts as better.
+
+EarlyStopping, ReduceLROnPlateau, ExportBest and the Checkpointer's ``keep_best`` all watch one
+log key the same way (Keras's ``MonitorCallback`` rule), so the rule lives here, below both
+the callbacks and the checkpoints.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from tfloop import _validate
-from tfloop.callbacks.base import Logs, TrainerView
 from tfloop.errors import ConfigError
 
 __all__ = ["Mode", "Monitor", "flat_metrics"]
@@ -35,12 +40,18 @@ class Monitor:
         self.mode: Mode = mode  # type: ignore[assignment]
         self.min_delta = _validate.number(min_delta, "min_delta", owner=owner)
         self._direction: Literal["min", "max"] | None = None if mode == "auto" else mode  # type: ignore[assignment]
-        self._trainer: TrainerView | None = None
+        self._trainer: Any = None
 
-    def bind(self, trainer: TrainerView | None) -> None:
+    @property
+    def watches_validation(self) -> bool:
+        """Whether the key is a validation result (``val_*``)."""
+        return self.monitor.startswith("val_")
+
+    def bind(self, trainer: Any) -> None:
         """At the start of ``fit``: checks what can be checked before training.
 
-        A ``val_*`` key needs ``validation_data``. The direction of a Trainer metric is fixed
+        ``trainer`` is a ``TrainerView`` (its ``run_info`` and ``metrics`` are read). A
+        ``val_*`` key needs ``validation_data``. The direction of a Trainer metric is fixed
         now, so an undecidable ``mode="auto"`` fails before training; other keys (a typo, a
         value a callback adds) are decided at the first epoch end, where a missing key is
         reported as missing.
@@ -50,7 +61,7 @@ class Monitor:
             return
         info = trainer.run_info
         in_fit_without_validation = info.in_fit and not info.validates
-        if self.monitor.startswith("val_") and in_fit_without_validation:
+        if self.watches_validation and in_fit_without_validation:
             raise ConfigError(
                 f"{self.owner}: monitor={self.monitor!r} needs validation results, but fit has "
                 "no validation_data. Pass validation_data=... to fit, or monitor a training key "
@@ -60,7 +71,7 @@ class Monitor:
         if self._direction is None and self.monitor.removeprefix("val_") in names:
             self.direction()
 
-    def value(self, logs: Logs) -> float | None:
+    def value(self, logs: Mapping[str, float]) -> float | None:
         """The monitored value; ``None`` in an epoch without validation (``validation_freq``).
 
         Raises:
@@ -68,13 +79,20 @@ class Monitor:
         """
         if self.monitor in logs:
             return float(logs[self.monitor])
-        if self.monitor.startswith("val_") and not any(key.startswith("val_") for key in logs):
+        if self.watches_validation and not any(key.startswith("val_") for key in logs):
             return None  # validation did not run this epoch
         available = ", ".join(sorted(logs)) or "(none)"
         raise ConfigError(
             f"{self.owner}: monitor={self.monitor!r} is not in the epoch logs. Available keys: "
             f"{available}. Pass one of them as monitor=..."
         )
+
+    def validation_value(self, results: Mapping[str, float]) -> float | None:
+        """The monitored value in the ``results`` of a validation pass (raw names, no
+        ``val_``); ``None`` for a training key, which only epoch ends judge."""
+        if not self.watches_validation:
+            return None
+        return self.value({f"val_{name}": value for name, value in results.items()})
 
     def direction(self) -> Literal["min", "max"]:
         """``"min"`` or ``"max"``; mode ``"auto"`` asks the metric (as Keras does)."""
