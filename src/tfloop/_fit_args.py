@@ -158,7 +158,8 @@ def plan_fit(
             steps_argument="validation_steps",
             shuffle=False,
             argument="validation_data",
-            passes=max(1, _validations(validation_freq, initial_epoch, epochs)),
+            # Validation every n updates reads it again and again.
+            passes=2 if every else max(1, _validations(validation_freq, initial_epoch, epochs)),
         )
     if every is not None and validation is None:
         raise ConfigError(
