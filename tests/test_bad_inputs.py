@@ -246,3 +246,69 @@ def test_a_list_of_lists_gets_a_hint_to_make_it_an_array():
     trainer = tfloop.Trainer(make_model(), "sgd", "categorical_crossentropy")
     with pytest.raises(DataError, match=r"np\.asarray"):
         trainer.fit([[0.0] * 5] * 4, np.ones((4, 3)), verbose=0)
+
+
+# ------------------------------------------------------------------- checkpoints and exports
+
+
+class NaNFrom(tfloop.Trainer):
+    """The loss turns NaN from update ``start`` on (no non-finite policy: it reaches the
+    weights)."""
+
+    start = 6
+
+    def compute_loss(self, batch, training):
+        loss = super().compute_loss(batch, training)
+        late = self.optimizer.iterations >= self.start
+        return loss * tf.where(late, float("nan"), 1.0)  # NaN gradients too
+
+
+def test_non_finite_weights_never_replace_the_last_finite_checkpoint(tmp_path, caplog):
+    checkpointer = tfloop.Checkpointer(tmp_path, every_n_steps=2, max_to_keep=2)
+    trainer = NaNFrom(make_model(), "sgd", "categorical_crossentropy", checkpoint=checkpointer)
+    trainer.fit(make_data(64), batch_size=4, epochs=2, verbose=0)
+    assert not np.isfinite(weights_of(trainer.model)[0]).all()
+    latest = tf.train.latest_checkpoint(str(tmp_path))
+    assert latest.endswith("ckpt-6")  # the update that made the weights NaN is not saved
+    reader = tf.train.load_checkpoint(latest)
+    for name in reader.get_variable_to_dtype_map():
+        if name.startswith("model/") and "VARIABLE_VALUE" in name:
+            assert np.isfinite(reader.get_tensor(name)).all(), name
+    assert "NaN or Inf; no checkpoint is saved" in caplog.text
+
+
+def test_a_checkpoint_of_another_optimizer_is_not_restored_silently(tmp_path):
+    data = make_data(16)
+    tfloop.Trainer(make_model(), "adam", "categorical_crossentropy", checkpoint=tmp_path).fit(
+        data, batch_size=8, verbose=0
+    )
+    other = tfloop.Trainer(make_model(), "sgd", "categorical_crossentropy", checkpoint=tmp_path)
+    before = weights_of(other.model)
+    with pytest.raises(tfloop.errors.CheckpointError, match="holds a Adam as its optimizer"):
+        other.fit(data, batch_size=8, epochs=2, verbose=0)
+    assert_untouched(other, before)
+    assert len(list(tmp_path.glob("ckpt-*.index"))) == 1  # nothing lost
+
+
+def test_resuming_with_another_batch_size_is_named(tmp_path):
+    checkpointer = tfloop.Checkpointer(tmp_path, every_n_steps=1)
+    first = tfloop.Trainer(make_model(), "sgd", "categorical_crossentropy", checkpoint=checkpointer)
+    first.fit(make_data(32), batch_size=8, epochs=1, max_steps=2, verbose=0)
+    again = tfloop.Trainer(make_model(), "sgd", "categorical_crossentropy", checkpoint=tmp_path)
+    with pytest.raises(tfloop.errors.CheckpointError, match=r"batch_size=8.*batch_size=16"):
+        again.fit(make_data(32), batch_size=16, epochs=1, verbose=0)
+
+
+@pytest.mark.parametrize("kind", ["savedmodel-over-a-file", "keras-file-over-a-directory"])
+def test_export_onto_something_else_is_named_and_keeps_it(tmp_path, kind):
+    trainer = tfloop.Trainer(make_model(), "sgd", "categorical_crossentropy")
+    if kind == "savedmodel-over-a-file":
+        path = tmp_path / "model"
+        path.write_text("keep me")
+    else:
+        path = tmp_path / "model.keras"
+        path.mkdir()
+    with pytest.raises(ConfigError, match="export path"):
+        trainer.export(path)
+    assert path.exists() and (path.is_dir() or path.read_text() == "keep me")
+    assert trainer.export(tmp_path / "new" / "dir" / "model.keras").endswith("model.keras")

@@ -128,6 +128,8 @@ class Controller:
             checkpointer.remove_temporary_files()
             latest = checkpointer.latest_readable()
             self._check_workers_agree(latest)
+            if latest is not None:
+                self._check_resumable(latest[1], latest[0])
         # The stream to resume (or start) is made first and only once: the build below needs a
         # batch, and a dataset's shuffle order depends on how many iterators were made.
         if latest is not None:
@@ -177,6 +179,21 @@ class Controller:
                 "every worker the same checkpoint directory, on storage all of them read: only "
                 "the chief writes there, and every worker restores from it."
             )
+
+    def _check_resumable(self, metadata: dict[str, Any], path: str) -> None:
+        """Before anything is restored: the checkpoint's position means the same here."""
+        for name, now in (
+            ("batch_size", self.plan.source.batch_size),
+            ("steps_per_epoch", self.info.steps_per_epoch),
+        ):
+            then = metadata.get(name, now)
+            if then != now:
+                raise CheckpointError(
+                    f"checkpoint {path} was written by a run with {name}={then}, this fit has "
+                    f"{name}={now}: its position (epoch {metadata['epoch']}, batch "
+                    f"{metadata['batch']}) would point at other examples. Resume with the same "
+                    "arguments, or pass Checkpointer(restore=None) to start fresh."
+                )
 
     def _resume_from(self, metadata: dict[str, Any], path: str) -> None:
         self.epoch = int(metadata["epoch"])
@@ -394,6 +411,9 @@ class Controller:
         if stream is not None and stream.iterator is None:
             stream = None
         state = {
+            # What the position means: another batch size would resume at other examples.
+            "batch_size": self.plan.source.batch_size,
+            "steps_per_epoch": self.info.steps_per_epoch,
             "data_seed": self.data_seed,
             "window": self.window,
             "callbacks": {key: callback.state_dict() for key, callback in _keyed(self.stateful)},

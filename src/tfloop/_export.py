@@ -43,6 +43,16 @@ def export_model(model: Any, path: str | os.PathLike[str]) -> str:
             f"export path {path!r} asks for a .keras file, but the model is a "
             f"{type(model).__name__}, not a keras.Model; pass a directory path."
         )
+    if keras_file and os.path.isdir(path):
+        raise ConfigError(
+            f"export path {path!r} is a directory, where a .keras file is asked for; pass "
+            "another path, or remove the directory."
+        )
+    if not keras_file and os.path.lexists(path) and not os.path.isdir(path):
+        raise ConfigError(
+            f"export path {path!r} is an existing file, and a SavedModel is a directory; pass "
+            "another path (or one ending in .keras for a Keras file), or remove the file."
+        )
     parent, name = os.path.split(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     # Hidden, in the same directory (a rename across file systems is not atomic); a .keras

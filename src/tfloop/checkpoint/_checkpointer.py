@@ -38,6 +38,7 @@ from tfloop.checkpoint._background import WriterThread
 from tfloop.checkpoint._best import BestCheckpoints
 from tfloop.checkpoint._fastsave import FastWriter, Snapshot
 from tfloop.checkpoint._frozen import SnapshotMap
+from tfloop.checkpoint._guards import FiniteWeights, check_kinds, kinds
 from tfloop.checkpoint._metadata import (
     CORRUPT_ERRORS,
     FORMAT_VERSION,
@@ -252,6 +253,8 @@ class Checkpointer:
         self._writer = FastWriter(
             self._checkpoint, self._manager, replaced=[self._metadata, self._leftover]
         )
+        self._finite = FiniteWeights(objects.get("model"))
+        self._kinds = kinds(objects)
 
     def _write_directory(self) -> Path:
         """Where this process writes its checkpoints.
@@ -306,6 +309,7 @@ class Checkpointer:
         batches); a CheckpointError says why it cannot."""
         assert self._checkpoint is not None, "bind() first"
         position = position_of(metadata)
+        check_kinds(path, metadata.get("kinds"), self._kinds)
         iterator = None if stream is None else stream.iterator
         self._attach_iterator(iterator if position.restores_iterator else None)
         try:
@@ -377,6 +381,14 @@ class Checkpointer:
             self._best.offer(step, value)
         if self._last_position == (position.epoch, position.batch, step):
             return None
+        if not self._finite():
+            logger.warning(
+                "tfloop: the weights at update %d hold NaN or Inf; no checkpoint is saved, so "
+                "the last finite one (%s) stays. Trainer(non_finite='skip') drops such updates.",
+                step,
+                self.last_saved,
+            )
+            return None
         iterator = None if stream is None or not self.save_iterator else stream.iterator
         runs: list[Any] = []
         if iterator is not None:
@@ -394,6 +406,7 @@ class Checkpointer:
             **state,
             **fields,
             "best": self._best.state(),
+            "kinds": self._kinds,
         }
         encoded = tf.constant(json.dumps(metadata))
         # A preemption save is the manager's own: the last save of the process takes the
