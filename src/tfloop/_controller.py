@@ -108,6 +108,7 @@ class Controller:
         latest = None
         if checkpointer is not None:
             checkpointer.check_writable()
+            checkpointer.check_input(source)
             checkpointer.remove_temporary_files()
             latest = checkpointer.latest_readable()
             self._check_workers_agree(latest)
@@ -260,7 +261,8 @@ class Controller:
             )
             # The step that ends the epoch also ends its accumulation window, however partial.
             flush_at = stop - 1 if epoch_over else -1
-            results, raw_step_logs = self.train(piece, start, stop, flush_at)
+            per_worker = plan.source.per_worker
+            results, raw_step_logs = self.train(piece, start, stop, flush_at, per_worker=per_worker)
             logs = floats(results)
             step_logs = floats(raw_step_logs or {})
             last_step, self.step = self.step, int(logs[STEP])

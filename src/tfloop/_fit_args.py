@@ -46,8 +46,13 @@ def plan_fit(
     verbose: Any,
     steps_per_execution: int | str,
     data_seed: int,
+    strategy: Any = None,
 ) -> FitPlan:
-    """Checks every argument of ``fit`` and adapts its inputs; raises before anything runs."""
+    """Checks every argument of ``fit`` and adapts its inputs; raises before anything runs.
+
+    Under ``strategy`` each worker reads its own shard of ``data`` (validation data is read
+    whole, on every worker or on the coordinator).
+    """
     epochs = _validate.count(epochs, "epochs", minimum=1)
     steps_per_epoch = _validate.optional_count(steps_per_epoch, "steps_per_epoch")
     validation_freq = _validate.count(validation_freq, "validation_freq", minimum=1)
@@ -60,6 +65,7 @@ def plan_fit(
         steps_argument="steps_per_epoch",
         shuffle=shuffle,
         seed=data_seed,
+        strategy=strategy,
     )
     if source.indexed and (steps_per_epoch or 0) > (source.steps_per_epoch or 0):
         raise ConfigError(

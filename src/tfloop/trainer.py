@@ -19,11 +19,11 @@ from typing import Any, Literal
 import keras
 import tensorflow as tf
 
-from tfloop import _checks, _config, _distribute, _seeds, _validate
+from tfloop import _checks, _config, _coordinator, _distribute, _seeds, _validate
 from tfloop import data as data_lib
 from tfloop._autograph import user_code
 from tfloop._compile import LossAndMetrics
-from tfloop._controller import Controller, FitHooks, run_evaluation
+from tfloop._controller import FitHooks, run_evaluation
 from tfloop._export import export_model
 from tfloop._fit_args import plan_fit
 from tfloop._loops import CompiledLoop, LoopSpec
@@ -65,11 +65,10 @@ class Trainer:
         callbacks: ``tfloop.Callback`` s.
         checkpoint: a directory (checkpoints every epoch, resume from the latest) or a
             ``tfloop.Checkpointer``; ``None`` saves nothing.
-        strategy: a ``tf.distribute.Strategy`` (``MirroredStrategy``,
-            ``MultiWorkerMirroredStrategy``, ``TPUStrategy``, ...). Create the model (and an
-            optimizer instance, if you pass one) inside ``strategy.scope()``. Batches are
-            *global*: each step's batch is split across the replicas. ``None`` runs on the
-            default device.
+        strategy: a ``tf.distribute.Strategy`` (Mirrored, MultiWorkerMirrored, ParameterServer,
+            TPU). Create the model (and an optimizer instance, if you pass one) inside
+            ``strategy.scope()``. Batches are *global*: each step's batch is split across the
+            replicas. ``None`` runs on the default device.
         seed: makes shuffling, dropout and the initialisation of an unbuilt model reproducible.
 
     Examples:
@@ -317,8 +316,8 @@ class Trainer:
         """Trains for ``epochs`` epochs and returns the :class:`History` of epoch logs.
 
         Args:
-            data: ``(x, y)`` or ``(x, y, sample_weight)`` arrays (tfloop batches them, with a
-                seeded shuffle each epoch), or a batched ``tf.data.Dataset``.
+            data: ``(x, y)`` or ``(x, y, sample_weight)`` arrays (batched by tfloop, shuffled
+                by seed each epoch), a batched ``tf.data.Dataset`` or a dataset function.
             epochs: the epoch to stop at (as in Keras, counted from 0 including
                 ``initial_epoch``).
             steps_per_epoch: batches per epoch; required for an infinite dataset. With a
@@ -342,6 +341,7 @@ class Trainer:
             verbose=verbose,
             steps_per_execution=self.steps_per_execution,
             data_seed=self._data_seed,
+            strategy=self.strategy,
         )
         _checks.check_can_train(
             self.loss,
@@ -350,7 +350,7 @@ class Trainer:
             overrides_step=_overrides(self, "train_step"),
         )
         self.stop_training = False
-        controller = Controller(self._fit_hooks(), plan, self.checkpoint)
+        controller = _coordinator.controller_for(self._fit_hooks(), plan, self.checkpoint)
         self.run_info = controller.info
         try:
             return controller.fit(self, self.callbacks)

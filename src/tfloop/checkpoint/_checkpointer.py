@@ -9,7 +9,8 @@ the data in the same order.
 
 The data position is a batch index for in-memory arrays (their order is a function of the seed
 and the epoch). For a ``tf.data`` dataset it is the iterator's own state plus the few batches
-already pulled into the current superbatch but not run yet.
+already pulled into the current superbatch but not run yet; with per-worker input each worker
+keeps its own (``_worker_data.py``).
 
 Files are those of ``tf.train.CheckpointManager``: the data files first and the ``checkpoint``
 index last, atomically, so a save killed halfway is never taken for a checkpoint. They are
@@ -46,7 +47,8 @@ from tfloop.checkpoint._metadata import (
 )
 from tfloop.checkpoint._preemption import PreemptionSignals
 from tfloop.checkpoint._restore import find_candidates, latest_readable, read_metadata
-from tfloop.data import Position, StepStream
+from tfloop.checkpoint._worker_data import WorkerData
+from tfloop.data import DataSource, Position, StepStream
 from tfloop.errors import CheckpointError, ConfigError
 
 __all__ = ["Checkpointer"]
@@ -67,7 +69,9 @@ class Checkpointer:
             (``directory/ckpt-300``) restores that one; ``None`` starts fresh.
         save_iterator: save the ``tf.data`` iterator state. A large shuffle buffer is part of
             that state and makes checkpoints big; with ``False`` a resume skips to the right
-            batch by count instead, which is exact only for a deterministic pipeline.
+            batch by count instead, which is exact only for a deterministic pipeline. An input
+            whose iterator cannot be saved (the ``tf.data`` service) needs ``False``: ``fit``
+            says so with a CheckpointError before it trains.
         preemption_signals: signals that make ``fit`` save at the next execution boundary and
             return (``trainer.preempted`` is then ``True``). Installed only in the main thread.
         exit_code: if set, the process exits with this code after a preemption save (143 is
@@ -136,6 +140,7 @@ class Checkpointer:
         self._manager: tf.train.CheckpointManager | None = None
         self._writer: FastWriter | None = None
         self._last_position: tuple[int, int, int] | None = None
+        self._worker_data: WorkerData | None = None
         self._thread = WriterThread()
         self._pending: str | None = None  # the path a background write is making
         self._write_error: BaseException | None = None
@@ -174,6 +179,12 @@ class Checkpointer:
                 f"checkpoint directory {str(self.directory)!r} is not writable ({error}); pass "
                 "a directory you can write to, or checkpoint=None."
             ) from error
+
+    def check_input(self, source: DataSource) -> None:
+        """A CheckpointError, before anything trains, if ``save_iterator`` is on and the input's
+        iterator cannot be saved (the ``tf.data`` service)."""
+        if self.save_iterator and source.unsaveable_iterator:
+            raise CheckpointError(_unsaveable(source.unsaveable_iterator))
 
     def remove_temporary_files(self) -> list[Path]:
         """Deletes the leftovers of a save that was killed halfway.
@@ -224,6 +235,13 @@ class Checkpointer:
             self._checkpoint, self._manager, replaced=[self._metadata, self._leftover]
         )
 
+    def _worker_directory(self) -> WorkerData:
+        """This worker's own input positions (per-worker input; see ``_worker_data.py``)."""
+        if self._worker_data is None:
+            directory = self.directory / "workers" / _distribute.task_id()
+            self._worker_data = WorkerData(directory, self.max_to_keep)
+        return self._worker_data
+
     def _write_directory(self) -> Path:
         """Where this process writes its checkpoints.
 
@@ -261,7 +279,8 @@ class Checkpointer:
         assert self._checkpoint is not None, "bind() first"
         position = position_of(metadata)
         iterator = None if stream is None else stream.iterator
-        self._attach_iterator(iterator if position.restores_iterator else None)
+        own = position.per_worker and position.iterator  # in this worker's own data
+        self._attach_iterator(iterator if position.restores_iterator and not own else None)
         try:
             status = self._checkpoint.restore(path)
             status.assert_existing_objects_matched()
@@ -282,9 +301,13 @@ class Checkpointer:
                 f"{_validate.first_line(error)}). Nothing was overwritten."
             ) from error
         if stream is not None and position.iterator:
+            leftover = self._leftover.numpy()
+            if own:
+                saved = iterator if position.restores_iterator else None
+                leftover = self._worker_directory().restore(int(metadata["step"]), saved)
             if position.exhausted:
                 stream.finish()
-            stream.restore_leftover(decode_leftover(metadata, self._leftover.numpy()))
+            stream.restore_leftover(decode_leftover(metadata, leftover))
         self._last_position = (position.epoch, position.batch, int(metadata["step"]))
 
     # ------------------------------------------------------------------------------- save
@@ -326,10 +349,17 @@ class Checkpointer:
             assert stream is not None
             position = dataclasses.replace(position, iterator=True, exhausted=stream.exhausted)
             runs = stream.leftover()
+        fields, leftover = encode_leftover(runs)
+        if position.per_worker and iterator is not None:
+            # Every worker writes its own iterator and leftover batches first; the rest of
+            # the position is the same on every worker and goes into the chief's metadata.
+            saved = None if position.exhausted else iterator
+            self._worker_directory().save(step, saved, leftover)
+            self._agree_on_step(step)
+            iterator, leftover = None, encode_leftover([])[1]
         # An exhausted iterator is not saved: restoring one disturbs the shuffle seeds of the
         # iterators made after it. "Exhausted" plus the leftover batches says it all.
         self._attach_iterator(None if position.exhausted else iterator)
-        fields, leftover = encode_leftover(runs)
         metadata = {
             "format": FORMAT_VERSION,
             "step": step,
@@ -342,26 +372,41 @@ class Checkpointer:
         # well-trodden path. So is every save under a tf.distribute strategy: reading on-read
         # variables is a cross-replica reduction, which must not run on another thread.
         snapshot = None
-        if not self.preempted and self._strategy is None:
-            snapshot = self._writer.snapshot([encoded, leftover], compiled_only=not self.async_save)
-        path = self._writer.path(step)
+        try:
+            if not self.preempted and self._strategy is None:
+                snapshot = self._writer.snapshot(
+                    [encoded, leftover], compiled_only=not self.async_save
+                )
+            path = self._writer.path(step)
+            if snapshot is None:
+                self._leftover.assign(leftover)
+                self._metadata.assign(encoded)
+                path = self._manager.save(checkpoint_number=step)
+            elif not self.async_save:
+                self._writer.write(snapshot, step)
+        except tf.errors.UnimplementedError as error:
+            raise CheckpointError(_unsaveable(_validate.first_line(error))) from error
         if snapshot is None:
-            self._leftover.assign(leftover)
-            self._metadata.assign(encoded)
-            path = self._manager.save(checkpoint_number=step)
             if self._manager.directory != str(self.directory):  # a worker's copy, not needed
                 shutil.rmtree(self._manager.directory, ignore_errors=True)
                 path = str(self.directory / os.path.basename(path))  # the chief's
         elif self.async_save:
             self._pending = path
             self._thread.submit(self._write, snapshot, step)
-        else:
-            self._writer.write(snapshot, step)
         if self._every_seconds is not None:
             self._every_seconds.reset()
         self._last_position = (position.epoch, position.batch, step)
         self.last_saved = path
         return path
+
+    def _agree_on_step(self, step: int) -> None:
+        """Waits until every worker wrote its input position for ``step`` (a collective)."""
+        steps = sorted(set(_distribute.gather_from_replicas(self._strategy, step)))
+        if len(steps) > 1:
+            raise CheckpointError(
+                f"the workers saved at different updates ({steps}); restart every worker with "
+                "the same command to resume from the latest checkpoint."
+            )
 
     def _attach_iterator(self, iterator: Any) -> None:
         """Puts ``iterator`` into the saved state, or takes the one there out (None)."""
@@ -398,6 +443,8 @@ class Checkpointer:
             f"{_validate.first_line(error)}); the checkpoints listed in "
             f"{str(self.directory / 'checkpoint')!r} are intact."
         )
+        if isinstance(error, tf.errors.UnimplementedError):
+            message = _unsaveable(_validate.first_line(error))
         if not raise_error:
             logger.error("tfloop: %s", message)
             return
@@ -411,6 +458,15 @@ class Checkpointer:
 
     def uninstall_signal_handlers(self) -> None:
         self._signals.uninstall()
+
+
+def _unsaveable(reason: str) -> str:
+    return (
+        f"the input's iterator cannot be saved: {reason}. Pass Checkpointer(..., "
+        "save_iterator=False): checkpoints then record how many batches were trained on, and a "
+        "resume skips that many (exact when the input yields the same batches in the same "
+        "order each time it is read)."
+    )
 
 
 def _same_objects(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:

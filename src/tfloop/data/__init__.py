@@ -5,7 +5,9 @@ iterator call feeds ``K`` steps. This module makes those superbatches from
 
 * in-memory NumPy arrays or tensors (a tuple ``(x, y)`` / ``(x, y, sample_weight)``, dicts
   allowed inside): tfloop owns batching, a seeded per-epoch shuffle and prefetch;
-* a batched ``tf.data.Dataset`` (``tfds.load(..., as_supervised=True).batch(n)`` included).
+* a batched ``tf.data.Dataset`` (``tfds.load(..., as_supervised=True).batch(n)`` included);
+  under ``MultiWorkerMirroredStrategy`` each worker reads its shard (``_sharding.py``);
+* a dataset function ``fn(tf.distribute.InputContext) -> tf.data.Dataset`` (``_functions.py``).
 
 It also chooses ``K`` (``steps_per_execution="auto"``), and owns the *position* a checkpoint
 saves and a resume starts from (:class:`Position`, :meth:`DataSource.resume`).
@@ -37,10 +39,12 @@ from typing import Any
 
 import tensorflow as tf
 
-from tfloop import _validate
+from tfloop import _distribute, _validate
 from tfloop.data._arrays import ArraySource, standardize_arrays
 from tfloop.data._cache import TENSORS
-from tfloop.data._datasets import DatasetSource
+from tfloop.data._functions import CoordinatedSource, function_source
+from tfloop.data._pipeline import uses_data_service
+from tfloop.data._sharding import dataset_source
 from tfloop.data._source import (
     DataSource,
     Piece,
@@ -53,6 +57,7 @@ from tfloop.data._source import (
 from tfloop.errors import ConfigError, DataError
 
 __all__ = [
+    "CoordinatedSource",
     "DataSource",
     "Piece",
     "Position",
@@ -61,6 +66,7 @@ __all__ = [
     "batch_size_of",
     "choose_steps_per_execution",
     "unpack_batch",
+    "uses_data_service",
 ]
 
 DEFAULT_BATCH_SIZE = 32
@@ -76,23 +82,36 @@ def adapt(
     shuffle: bool = True,
     seed: int = 0,
     argument: str = "data",
+    strategy: tf.distribute.Strategy | None = None,
 ) -> DataSource:
     """Validates ``data`` and wraps it in a :class:`DataSource` (see the module docstring).
 
     ``steps`` is how many batches the caller will take (``None``: all of them); an infinite
     input without it is a DataError that says to pass ``steps_argument``. ``K`` is chosen from
     ``steps_per_execution`` (``"auto"`` or an int), the size of a batch and those steps.
+    ``strategy``: the strategy this input trains under, if each worker is to read its own
+    shard (``fit``'s training data); ``None`` reads it whole.
     """
     if batch_size is not None:
         batch_size = _validate.count(batch_size, "batch_size", minimum=1)
+    if _distribute.is_parameter_server(strategy) and not callable(data):
+        raise ConfigError(
+            f"under ParameterServerStrategy every worker builds its own input, so {argument} "
+            "must be a dataset function, `def dataset_fn(context): return dataset`, not a "
+            f"{type(data).__name__}."
+        )
     source: DataSource
-    if isinstance(data, tf.data.Dataset):
+    if isinstance(data, tf.data.Dataset) or callable(data):
         if batch_size is not None:
             raise ConfigError(
-                f"batch_size={batch_size} was given with a tf.data.Dataset as {argument}; a "
-                "dataset is batched by its own .batch(n). Drop batch_size, or pass arrays."
+                f"batch_size={batch_size} was given with a tf.data.Dataset (or a dataset "
+                f"function) as {argument}; a dataset is batched by its own .batch(n). Drop "
+                "batch_size, or pass arrays."
             )
-        source = DatasetSource(data, 1, argument)
+        if isinstance(data, tf.data.Dataset):
+            source = dataset_source(data, argument, strategy)
+        else:
+            source = function_source(data, argument, strategy)
     elif data is None:
         raise DataError(f"{argument} is None: pass (x, y) arrays or a batched tf.data.Dataset.")
     else:
@@ -107,9 +126,11 @@ def adapt(
             pipelines=TENSORS.pipelines_for(arrays),
         )
     if source.infinite and steps is None:
+        what = "is an infinite dataset (it repeats forever)"
+        if isinstance(source, CoordinatedSource):
+            what = "is read by every worker of the ParameterServerStrategy cluster, repeated"
         raise DataError(
-            f"{argument} is an infinite dataset (it repeats forever); pass {steps_argument}=... "
-            "to say how many batches to use."
+            f"{argument} {what}; pass {steps_argument}=... to say how many batches to use."
         )
     source.steps_per_execution = choose_steps_per_execution(
         steps_per_execution, source.bytes_per_batch, steps or source.steps_per_epoch

@@ -206,7 +206,9 @@ class Position:
     is the position), ``exhausted`` that it had run out (its remaining steps were all pulled).
     ``seeds_drawn`` and ``stream_seeds`` count the shuffle seeds a dataset had drawn, in all and
     when the current stream was made, so a resumed run draws the same ones (see
-    :meth:`DataSource.resume`).
+    :meth:`DataSource.resume`). ``per_worker``: each worker of a cluster reads its own shard, so
+    each saves its own iterator state and leftover batches (the rest is the same on every
+    worker).
     """
 
     epoch: int
@@ -215,6 +217,7 @@ class Position:
     exhausted: bool = False
     seeds_drawn: int = 0
     stream_seeds: int | None = None
+    per_worker: bool = False
 
     @property
     def restores_iterator(self) -> bool:
@@ -233,6 +236,11 @@ class DataSource:
     indexed: bool = False
     """The position is a batch index (in-memory arrays, reshuffled by seed and epoch): no
     iterator to save, and one pass over the data per epoch whatever ``steps_per_epoch`` says."""
+    per_worker: bool = False
+    """Under ``MultiWorkerMirroredStrategy``: each batch is this worker's share of the global
+    batch (split among its local replicas), not the global batch every worker holds."""
+    unsaveable_iterator: str | None = None
+    """Why a checkpoint cannot save this input's iterator (the ``tf.data`` service), or None."""
 
     bytes_per_batch: int
 
@@ -317,6 +325,7 @@ class DataSource:
             batch=batch,
             seeds_drawn=self.seeds_drawn,
             stream_seeds=None if stream is None else stream.seeds_at_creation,
+            per_worker=self.per_worker,
         )
 
 
