@@ -205,9 +205,22 @@ def test_auto_sharding_off_keeps_the_whole_dataset():
     assert _sharding.shard_for_worker(dataset, _distribute.InputLayout(2, 0, 2, 1)) is None
 
 
-def test_an_unseeded_shuffle_sharded_by_data_is_a_data_error():
-    tf.random.set_seed(None)  # no global seed: the shuffle would differ between workers
-    dataset = tf.data.Dataset.range(8).shuffle(8).batch(4)
+@pytest.fixture
+def no_global_seed():
+    """No global seed and no op determinism (which forbids unseeded random ops) in the test."""
+    from tensorflow.python.framework import config
+
+    deterministic = config.is_op_determinism_enabled()
+    config.disable_op_determinism()
+    tf.random.set_seed(None)
+    yield
+    tf.random.set_seed(0)
+    if deterministic:
+        config.enable_op_determinism()
+
+
+def test_an_unseeded_shuffle_sharded_by_data_is_a_data_error(no_global_seed):
+    dataset = tf.data.Dataset.range(8).shuffle(8).batch(4)  # would differ between workers
     with pytest.raises(DataError, match=r"shuffles without a seed.*seed=\.\.\."):
         _sharding.shard_for_worker(dataset, _distribute.InputLayout(2, 0, 2, 1))
     seeded = tf.data.Dataset.range(8).shuffle(8, seed=1).batch(4)
