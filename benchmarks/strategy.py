@@ -1,5 +1,6 @@
-"""The ``mlp`` workload under ``tf.distribute.MirroredStrategy``, same run, interleaved.
+"""Distribution benchmarks: ``MirroredStrategy`` on one machine, per-worker input on two.
 
+Default: the ``mlp`` workload under ``tf.distribute.MirroredStrategy``, same run, interleaved.
 Contenders: tfloop with no strategy, and under ``MirroredStrategy`` with 1 and with 2 devices.
 On a CPU machine the devices are logical CPUs split from the one physical CPU, so the
 two-device run shows the cost of the distribution machinery (one ``strategy.run`` per step, the
@@ -9,6 +10,17 @@ cross-replica update), not a speed-up; on a machine with two GPUs pass ``--devic
 
 Prints samples/s per contender (median, min, max over the repetitions, steady epochs only)
 and the ratios to the no-strategy run.
+
+``--multi-worker``: ``MultiWorkerMirroredStrategy`` clusters of localhost worker processes
+(``--workers``, default 2) against a one-worker cluster, launched alternately (``--reps`` times
+each), on a TFRecord set the script writes (``--files`` files, parsed every epoch). For each input
+form (``--inputs``: ``file`` = a dataset auto-sharded by file, ``function`` = a dataset function
+sharding the files itself, ``data`` = an in-memory dataset auto-sharded by data, ``off`` =
+auto-sharding turned off, every worker reading everything) it reports the records each worker's
+pipeline read per epoch / the records of an epoch (target <= 1 / workers + one file's share), and
+the cluster's steady throughput (examples/s of the global batch) against the one-worker cluster.
+
+    python benchmarks/strategy.py --multi-worker [--reps 3] [--inputs file function data off]
 """
 
 from __future__ import annotations
@@ -29,7 +41,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny data, 1 rep")
+    parser.add_argument("--multi-worker", action="store_true", help="localhost worker clusters")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--files", type=int, default=8)
+    parser.add_argument("--inputs", nargs="+", default=["file", "function", "data", "off"])
+    parser.add_argument("--epochs", type=int, default=4, help="epochs per cluster run")
+    parser.add_argument("--worker", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.worker:
+        from multi_worker import run_worker
+
+        return run_worker(*args.worker)
+    if args.multi_worker:
+        from multi_worker import run_clusters
+
+        if args.quick:
+            args.reps, args.epochs, args.inputs = 1, 2, ["file"]
+        return run_clusters(args)
     if args.quick:
         args.reps, args.samples = 1, 2_048
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import math
 from pathlib import Path
 from types import ModuleType
@@ -145,3 +146,47 @@ def test_both_accumulation_demos_learn_the_digits(examples: Any) -> None:
     results = examples("gradient_accumulation").main(["--epochs", "2"])
     assert results["trainer_accuracy"] > 0.85
     assert results["own_loop_accuracy"] > 0.85
+
+
+def _run_example(script: str, args: list[str], timeout: float = 300) -> str:
+    """Runs an example that starts servers or worker processes in its own process group,
+    killed if it outlives ``timeout``; returns its output."""
+    import _cluster
+
+    [(code, output)] = _cluster.finish([_cluster.start(str(EXAMPLES_DIR / script), args)], timeout)
+    assert code == 0, output[-3000:]
+    return output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("data", ["dataset", "function"])
+def test_multi_worker_example_trains_two_localhost_workers_alike(tmp_path: Path, data: str) -> None:
+    args = ["--workers", "2", "--epochs", "3", "--input", data, "--output-dir", str(tmp_path)]
+    _run_example("multi_worker.py", [*args, "--data-dir", str(tmp_path / "digits")])
+    results = [json.loads((tmp_path / f"worker-{i}.json").read_text()) for i in range(2)]
+    assert results[0]["checksum"] == results[1]["checksum"]  # identical weights
+    # Each worker batches its own files, so an epoch may end in two partial global batches.
+    assert results[0]["steps"] == results[1]["steps"] in (3 * 23, 3 * 24)
+    assert all(result["accuracy"] > 0.85 for result in results)
+
+
+@pytest.mark.slow
+def test_parameter_server_example_trains_on_an_in_process_cluster(tmp_path: Path) -> None:
+    result_file = tmp_path / "result.json"
+    args = ["--epochs", "3", "--verbose", "0", "--checkpoint-dir", str(tmp_path / "ckpt")]
+    _run_example("parameter_server.py", [*args, "--result", str(result_file)])
+    result = json.loads(result_file.read_text())
+    assert result["updates"] == 3 * (1437 // 32)  # every update counted, none lost
+    assert result["accuracy"] > 0.85
+    assert (tmp_path / "ckpt" / f"ckpt-{result['updates']}.index").exists()
+
+
+@pytest.mark.slow
+def test_data_service_example_trains_and_checkpoints_by_count(tmp_path: Path) -> None:
+    result_file = tmp_path / "result.json"
+    args = ["--epochs", "3", "--verbose", "0", "--checkpoint-dir", str(tmp_path / "ckpt")]
+    _run_example("data_service.py", [*args, "--result", str(result_file)])
+    result = json.loads(result_file.read_text())
+    assert result["updates"] == 3 * math.ceil(1437 / 32)
+    assert result["accuracy"] > 0.85
+    assert (tmp_path / "ckpt" / f"ckpt-{result['updates']}.index").exists()

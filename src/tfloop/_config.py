@@ -192,6 +192,15 @@ def jit_choice(
     jit_compile: bool | Literal["auto"], model: Any, strategy: tf.distribute.Strategy | None
 ) -> tuple[bool, bool]:
     """XLA on or off, and whether a failure to compile falls back without it."""
+    if _distribute.is_parameter_server(strategy):
+        # XLA cannot reach variables on another task (the parameter servers).
+        if jit_compile is True:
+            raise ConfigError(
+                "jit_compile=True is not supported under ParameterServerStrategy: XLA cannot "
+                "compile a step whose variables live on the parameter servers. Pass "
+                "jit_compile='auto' or False."
+            )
+        return False, False
     if strategy is not None:
         # Under a strategy XLA compiles each replica's step (the loop itself holds the
         # cross-replica calls). "auto" turns it on for GPUs and TPUs only: XLA on CPU cannot

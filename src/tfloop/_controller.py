@@ -125,6 +125,7 @@ class Controller:
         latest = None
         if checkpointer is not None:
             checkpointer.check_writable()
+            checkpointer.check_input(source)
             checkpointer.remove_temporary_files()
             latest = checkpointer.latest_readable()
             self._check_workers_agree(latest)
@@ -349,9 +350,12 @@ class Controller:
             )
             # The step that ends the epoch also ends its accumulation window, however partial.
             flush_at = stop - 1 if epoch_over else -1
+            per_worker = plan.source.per_worker
             # A step marker for the profiler's overview page (about a microsecond when off).
             with tf.profiler.experimental.Trace("train", step_num=self.step, _r=1):
-                results, raw_step_logs = self.train(piece, start, stop, flush_at)
+                results, raw_step_logs = self.train(
+                    piece, start, stop, flush_at, per_worker=per_worker
+                )
             logs = floats(results)
             step_logs = floats(raw_step_logs or {})
             last_step, self.step = self.step, int(logs[STEP])

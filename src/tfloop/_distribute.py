@@ -9,8 +9,10 @@ The layout, and why:
 - Each superbatch ``[K, batch, ...]`` is pulled from the plain (checkpointable) iterator on the
   host and split along the *batch* dimension, never the step dimension: replica ``r`` of ``R``
   gets examples ``r * batch // R`` to ``(r + 1) * batch // R`` of every step, so a ragged
-  batch splits as evenly as it can. Under ``MultiWorkerMirroredStrategy`` every worker reads
-  the same data (same seed) and keeps its replicas' share.
+  batch splits as evenly as it can. Under ``MultiWorkerMirroredStrategy`` a worker's batches
+  are usually its own share of the global batch (per-worker input, ``data/_sharding.py``),
+  split among its local replicas; arrays (and datasets with auto-sharding off) are read whole
+  by every worker (same seed), and each keeps its replicas' share.
 - Every replica adds ``n_r * g_r`` (its example count times the gradient of its mean loss) to
   on-read accumulators; the update, applied in cross-replica context, reads their global sums,
   divides by the global example count and clips *after* that reduction. That is the exact
@@ -20,8 +22,11 @@ The layout, and why:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
+import weakref
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -59,6 +64,12 @@ def validate(strategy: Any) -> tf.distribute.Strategy | None:
             f"strategy must be a tf.distribute.Strategy (e.g. tf.distribute.MirroredStrategy()) "
             f"or None, got {type(strategy).__name__}."
         )
+    if is_parameter_server(strategy) and int(strategy.num_replicas_in_sync) > 1:
+        raise ConfigError(
+            "strategy: a ParameterServerStrategy whose workers have several replicas (GPUs) is "
+            "not supported: tfloop runs each worker's steps on one replica. Give each worker "
+            "one device (e.g. CUDA_VISIBLE_DEVICES), or use MultiWorkerMirroredStrategy."
+        )
     return strategy
 
 
@@ -90,12 +101,20 @@ def _tf_variable(variable: Any) -> Any:
     )
 
 
-def split_superbatch(strategy: tf.distribute.Strategy, superbatch: Nested) -> Any:
-    """Gives each replica its share of every step's batch (axis 1 of ``[K, batch, ...]``)."""
+def split_superbatch(
+    strategy: tf.distribute.Strategy, superbatch: Nested, per_worker: bool = False
+) -> Any:
+    """Gives each replica its share of every step's batch (axis 1 of ``[K, batch, ...]``).
+
+    The batch is the global one (every worker holds it), or with ``per_worker`` this worker's
+    share of it, divided among its local replicas.
+    """
     count = int(strategy.num_replicas_in_sync)
+    if per_worker:
+        count = local_replicas(strategy)
 
     def share(context: tf.distribute.experimental.ValueContext) -> Nested:
-        replica = context.replica_id_in_sync_group
+        replica = context.replica_id_in_sync_group % count
 
         def cut(tensor: tf.Tensor) -> tf.Tensor:
             size = int(tensor.shape[1])
@@ -152,10 +171,99 @@ def is_multi_worker(strategy: tf.distribute.Strategy | None) -> bool:
     return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
 
 
+def is_parameter_server(strategy: tf.distribute.Strategy | None) -> bool:
+    """Whether ``strategy`` is a ``ParameterServerStrategy`` (asynchronous, via a coordinator)."""
+    return isinstance(strategy, tf.distribute.ParameterServerStrategy)
+
+
+def parameter_server_workers(strategy: tf.distribute.Strategy) -> int:
+    """The workers of a ``ParameterServerStrategy`` cluster (TensorFlow keeps the count in a
+    private attribute; 1 if it moves)."""
+    return max(1, int(getattr(strategy.extended, "_num_workers", 1)))
+
+
+def is_replicated(strategy: tf.distribute.Strategy | None) -> bool:
+    """Whether replicas train in sync (every strategy but ``ParameterServerStrategy``)."""
+    return strategy is not None and not is_parameter_server(strategy)
+
+
+def loop_strategy(strategy: tf.distribute.Strategy | None, kind: str) -> Any:
+    """The strategy a compiled loop of ``kind`` runs under.
+
+    Under ``ParameterServerStrategy`` only training runs on the workers (in closures the
+    coordinator schedules); evaluation and prediction run on the coordinator, which reads the
+    variables from the parameter servers, as a loop without a strategy.
+    """
+    if is_parameter_server(strategy) and kind != "train":
+        return None
+    return strategy
+
+
+def local_replicas(strategy: tf.distribute.Strategy) -> int:
+    """The replicas of this worker (of this process)."""
+    return max(1, len(getattr(strategy.extended, "worker_devices", ()) or ()))
+
+
+@dataclasses.dataclass(frozen=True)
+class InputLayout:
+    """Where this process's input goes: ``workers`` input pipelines (this one ``index``), each
+    feeding ``local_replicas`` of the ``replicas`` in sync."""
+
+    workers: int = 1
+    index: int = 0
+    replicas: int = 1
+    local_replicas: int = 1
+
+    def input_context(self) -> tf.distribute.InputContext:
+        """TensorFlow's ``InputContext`` for this pipeline (``distribute_datasets_from_function``)."""
+        return tf.distribute.InputContext(self.workers, self.index, self.replicas)
+
+
+def input_layout(strategy: tf.distribute.Strategy | None) -> InputLayout:
+    """This process's :class:`InputLayout` under ``strategy``.
+
+    Under ``MultiWorkerMirroredStrategy`` a pipeline per worker (the chief first, as TensorFlow
+    numbers them); under any other strategy one pipeline feeding every replica.
+    """
+    if strategy is None or is_parameter_server(strategy):
+        return InputLayout()
+    replicas = int(strategy.num_replicas_in_sync)
+    if not is_multi_worker(strategy):
+        return InputLayout(replicas=replicas, local_replicas=replicas)
+    resolver = strategy.cluster_resolver
+    cluster = resolver.cluster_spec().as_dict() if resolver is not None else {}
+    chiefs, workers = len(cluster.get("chief", [])), len(cluster.get("worker", []))
+    if chiefs + workers <= 1:
+        return InputLayout(replicas=replicas, local_replicas=replicas)
+    kind, task = resolver.task_type, int(resolver.task_id or 0)
+    index = 0 if kind == "chief" else chiefs + task
+    return InputLayout(chiefs + workers, index, replicas, local_replicas(strategy))
+
+
+_GATHERS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+def all_gather(strategy: tf.distribute.Strategy, values: Sequence[int]) -> np.ndarray:
+    """Every replica's ``values`` (ints), one row per replica of the cluster, as NumPy.
+
+    A collective: every worker must call it, in the same order as its other collectives. The
+    gather is one ``tf.function`` per strategy (traced once per row length): eager collectives
+    would trace anew at every call.
+    """
+    gather = _GATHERS.get(strategy)
+    if gather is None:
+
+        def gather_rows(row: tf.Tensor) -> tf.Tensor:
+            per_replica = strategy.run(lambda: tf.identity(row))
+            return strategy.gather(per_replica, axis=0)
+
+        gather = _GATHERS[strategy] = tf.function(gather_rows)
+    return np.asarray(gather(tf.constant([list(values)], tf.int64)).numpy())
+
+
 def gather_from_replicas(strategy: tf.distribute.Strategy, value: int) -> list[int]:
     """``value`` as every replica of the cluster has it (a collective: all workers call it)."""
-    per_replica = strategy.run(lambda: tf.constant([value], tf.int64))
-    return [int(v) for v in strategy.gather(per_replica, axis=0).numpy()]
+    return [int(v) for v in all_gather(strategy, [value])[:, 0]]
 
 
 def is_chief(strategy: tf.distribute.Strategy | None) -> bool:

@@ -104,8 +104,13 @@ def plan_fit(
     max_steps: Any = None,
     max_time: Any = None,
     clock: Callable[[], float] = time.monotonic,
+    strategy: Any = None,
 ) -> FitPlan:
-    """Checks every argument of ``fit`` and adapts its inputs; raises before anything runs."""
+    """Checks every argument of ``fit`` and adapts its inputs; raises before anything runs.
+
+    Under ``strategy`` each worker reads its own shard of ``x`` (validation data is read
+    whole, on every worker or on the coordinator).
+    """
     epochs = _validate.count(epochs, "epochs", minimum=1)
     initial_epoch = _validate.count(initial_epoch or 0, "initial_epoch", minimum=0)
     if initial_epoch > epochs:
@@ -137,6 +142,7 @@ def plan_fit(
         seed=data_seed,
         argument="x",
         class_weight=class_weight,
+        strategy=strategy,
         # A generator read once cannot give several epochs: say so before training.
         passes=1 if steps_per_epoch else epochs - initial_epoch,
     )

@@ -34,6 +34,8 @@ class UpdateWindow(Protocol):
 
     def read_state(self) -> Any: ...
 
+    def empty_state(self) -> Any: ...
+
     def write_state(self, state: Any) -> None: ...
 
     def stage(self, state: Any) -> None: ...
@@ -58,6 +60,7 @@ class LoopSpec:
     strategy: tf.distribute.Strategy | None = None
     jit: bool = True  # XLA for the loop (for each replica's step, under a strategy)
     jit_fallback: bool = False  # if XLA cannot compile, log why and run without it
+    fresh_window: bool = False  # each call starts with an empty window (see _loops.py)
     eager: bool = False  # run the steps eagerly, in Python (a debugging mode)
 
 

@@ -16,11 +16,15 @@ This module knows no Trainer. A loop is made of:
   state the loop carries in registers and which it closes after each window's micro-batches;
 - ``returns_logs``: whether the step's return value is logged (an override's dict);
 - ``strategy``: under a ``tf.distribute`` strategy the loop stays in cross-replica context and
-  calls ``strategy.run(step)`` once per step on each replica's share of the superbatch.
+  calls ``strategy.run(step)`` once per step on each replica's share of the superbatch;
+- ``fresh_window``: each call starts from an empty window and leaves none open, so the
+  window's variables are neither read nor written (``ParameterServerStrategy``: concurrent
+  closures on several workers would share them; see ``_coordinator.py``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -63,11 +67,15 @@ class CompiledLoop:
 
     Called as ``loop(superbatch, start, stop)`` (training also takes ``flush_at``, the step
     that ends the epoch and so closes its window, or -1). With ``jit_fallback`` a loop that
-    XLA cannot compile logs why, once, and runs without XLA.
+    XLA cannot compile logs why, once, and runs without XLA. Under a strategy,
+    ``per_worker=True`` says the superbatch is this worker's share of the global batches (to
+    split among its local replicas), not the global batches themselves.
     """
 
     def __init__(self, spec: LoopSpec) -> None:
-        self.spec = spec
+        # Under ParameterServerStrategy only training runs on the workers.
+        strategy = _distribute.loop_strategy(spec.strategy, spec.kind)
+        self.spec = spec if strategy is spec.strategy else dataclasses.replace(spec, strategy=None)
         self.jit = spec.jit
         self._function: Any = None
         self._concrete: dict[Any, Any] = {}  # the function's traces, by flat input shapes
@@ -76,9 +84,19 @@ class CompiledLoop:
     def kind(self) -> Kind:
         return self.spec.kind
 
-    def __call__(self, superbatch: Nested, start: int, stop: int, *extra: int) -> Any:
+    @property
+    def function(self) -> Any:
+        """The loop's ``tf.function`` of ``(superbatch, start, stop[, flush_at])``, built on
+        first use; under a strategy it takes the replicas' shares (see ``__call__``)."""
+        if self._function is None:
+            self._function = _build(self.spec, self.jit)
+        return self._function
+
+    def __call__(
+        self, superbatch: Nested, start: int, stop: int, *extra: int, per_worker: bool = False
+    ) -> Any:
         try:
-            return self._run(superbatch, start, stop, *extra)
+            return self._run(superbatch, start, stop, *extra, per_worker=per_worker)
         except TfloopError:
             raise
         except Exception as error:
@@ -89,7 +107,9 @@ class CompiledLoop:
                 raise
             raise original from None
 
-    def _run(self, superbatch: Nested, start: int, stop: int, *extra: int) -> Any:
+    def _run(
+        self, superbatch: Nested, start: int, stop: int, *extra: int, per_worker: bool = False
+    ) -> Any:
         if self._function is None:
             self._function = _build(self.spec, self.jit)
         bounds = (tf.constant(start, tf.int32), tf.constant(stop, tf.int32))
@@ -103,7 +123,9 @@ class CompiledLoop:
             # merge_call, which cross-replica context (where updates are applied) has not.
             try:
                 return self._function(
-                    _distribute.split_superbatch(strategy, superbatch), *bounds, *extras
+                    _distribute.split_superbatch(strategy, superbatch, per_worker),
+                    *bounds,
+                    *extras,
                 )
             except _PEER_ERRORS as error:
                 if not _distribute.is_multi_worker(strategy):
@@ -219,8 +241,13 @@ def _build(spec: LoopSpec, jit: bool) -> Any:
     if spec.kind == "predict":
         body = _predict_body(runner)
     # Staged windows need a loop of their own; under a strategy the window is closed after
-    # each step, in cross-replica context, without staging.
-    elif spec.kind == "train" and spec.window is not None and spec.strategy is None:
+    # each step, in cross-replica context, without staging (except for a fresh window per
+    # call, which lives in loop registers only).
+    elif (
+        spec.kind == "train"
+        and spec.window is not None
+        and (spec.strategy is None or spec.fresh_window)
+    ):
         body = _windowed_body(runner, spec, loop_jit)
     else:
         body = _steps_body(runner, spec)
@@ -268,7 +295,7 @@ def _windowed_body(runner: StepRunner, spec: LoopSpec, jit: bool) -> Callable[..
     def run_steps(data: Nested, start: tf.Tensor, stop: tf.Tensor, flush_at: tf.Tensor) -> Any:
         logs_spec = runner.logs_spec(data)
         step_logs = zeros(logs_spec, "train_step")
-        state = window.read_state()
+        state = window.empty_state() if spec.fresh_window else window.read_state()
         i = start
         while i < stop:
             if unrolls:
@@ -291,7 +318,8 @@ def _windowed_body(runner: StepRunner, spec: LoopSpec, jit: bool) -> Callable[..
             window.stage(state)
             window.close(tf.equal(i - 1, flush_at))
             state = window.unstage()
-        window.write_state(state)
+        if not spec.fresh_window:
+            window.write_state(state)
         return results(), step_logs
 
     return run_steps

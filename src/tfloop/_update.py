@@ -22,6 +22,13 @@ clipped *after* the cross-replica reduction.
 The non-finite counters are variables (on-read under a strategy, every replica writing the
 same all-reduced value), updated with arithmetic instead of control flow, so a replica step
 records a dropped micro-batch itself: nothing is handed from the replica step to the loop.
+
+Under ``ParameterServerStrategy`` nothing is replicated in sync: each worker runs its steps
+(one replica) in closures, asynchronously. The rule then acts as without a strategy, with the
+window in loop registers only (each closure starts and ends with an empty window, see
+``_loops.py``), and applies updates through ``strategy.run`` (Keras's optimizer needs replica
+context there). Non-finite policies and loss scaling, which skip updates inside a branch, are
+not supported under it.
 """
 
 from __future__ import annotations
@@ -93,11 +100,14 @@ class UpdateRule:
         self.non_finite = validate_non_finite(non_finite)
         self.drop_remainder = drop_remainder
         self.strategy = strategy
+        self.replicated = _distribute.is_replicated(strategy)
+        if _distribute.is_parameter_server(strategy):
+            _check_asynchronous(optimizer, self.non_finite)
         self.variables: list[Any] = []
         self.accumulator: GradientAccumulator | None = None
         with self._scope():
             on_read: dict[str, Any] = {}
-            if strategy is not None:
+            if self.replicated:
                 only_first = tf.VariableAggregation.ONLY_FIRST_REPLICA
                 on_read = {"synchronization": ON_READ, "aggregation": only_first}
 
@@ -119,7 +129,7 @@ class UpdateRule:
         """Whether updates go through the accumulation window (see the module docstring)."""
         if self.accumulate_steps > 1:
             return True
-        return self.strategy is not None and (
+        return self.replicated and (
             self.non_finite != "ignore"
             or isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)
         )
@@ -160,13 +170,13 @@ class UpdateRule:
     ) -> None:
         """Applies (or accumulates) ``gradients`` of a mean loss over ``weight`` examples."""
         gradients = list(gradients)
-        if self.strategy is not None and not self.uses_window:
+        if self.replicated and not self.uses_window:
             self._apply_share(gradients, weight)
             return
         keep = None
         if self.guards:
             keep, bad = _non_finite_flags(gradients, loss)
-            if self.strategy is not None:
+            if self.replicated:
                 # A micro-batch dropped on any replica is dropped on every replica.
                 context = tf.distribute.get_replica_context()
                 bad = context.all_reduce(tf.distribute.ReduceOp.SUM, bad)
@@ -241,6 +251,10 @@ class UpdateRule:
         assert self.accumulator is not None
         return self.accumulator.read_state()
 
+    def empty_state(self) -> AccumulatorState:
+        assert self.accumulator is not None
+        return self.accumulator.empty_state()
+
     def write_state(self, state: AccumulatorState) -> None:
         assert self.accumulator is not None
         self.accumulator.write_state(state)
@@ -272,7 +286,10 @@ class UpdateRule:
             drops = tf.logical_and(flush, tf.logical_not(ready))
         else:
             closes = tf.logical_or(ready, flush)
-        accumulator.apply_where(closes, self.optimizer, self.clip_global_norm)
+        optimizer = self.optimizer
+        if _distribute.is_parameter_server(self.strategy):
+            optimizer = _InReplica(optimizer, self.strategy)
+        accumulator.apply_where(closes, optimizer, self.clip_global_norm)
         if drops is not None:
             accumulator.reset_where(drops)
 
@@ -294,6 +311,45 @@ class UpdateRule:
             chosen = self.variables[index - 1]
             return f"gradient of {getattr(chosen, 'path', None) or chosen.name}"
         return "loss or gradients"
+
+
+class _InReplica:
+    """An optimizer whose ``apply_gradients`` runs in replica context (``strategy.run``).
+
+    Under ``ParameterServerStrategy`` a closure's loop is in cross-replica context, where
+    Keras's optimizer finds no replica context to ``merge_call`` from.
+    """
+
+    def __init__(self, optimizer: Any, strategy: tf.distribute.Strategy) -> None:
+        self.optimizer = optimizer
+        self.strategy = strategy
+
+    def apply_gradients(self, pairs: Any) -> None:
+        gradients, variables = zip(*pairs, strict=True)
+
+        def apply(*values: tf.Tensor) -> None:
+            # Copied inside the replica, so they are placed on its device: the optimizer's
+            # all-reduce sends them there.
+            local = [tf.identity(value) for value in values]
+            self.optimizer.apply_gradients(zip(local, variables, strict=True))
+
+        self.strategy.run(apply, args=tuple(gradients))
+
+
+def _check_asynchronous(optimizer: Any, non_finite: str) -> None:
+    """What ``ParameterServerStrategy`` does not support, as ConfigErrors at construction."""
+    if non_finite != "ignore":
+        raise ConfigError(
+            f"non_finite={non_finite!r} is not supported under ParameterServerStrategy (its "
+            "workers update asynchronously, so a dropped update cannot be agreed on). Use "
+            "non_finite='ignore' and clip_global_norm against spikes."
+        )
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        raise ConfigError(
+            "optimizer: a LossScaleOptimizer is not supported under ParameterServerStrategy "
+            "(it skips updates inside a branch, which needs synchronous replicas). Train in "
+            "mixed_bfloat16, which needs no loss scaling, or in float32."
+        )
 
 
 def _non_finite_flags(gradients: list[Any], loss: Any) -> tuple[tf.Tensor, tf.Tensor]:

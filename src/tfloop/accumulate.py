@@ -140,7 +140,8 @@ class GradientAccumulator(tf.Module):  # type: ignore[misc]
     # (``write_state``): checkpoints, taken between executions, still see the exact mid-window
     # state. Between ``stage(state)`` and ``unstage()`` (at trace time) ``accumulate``,
     # ``apply``, ``apply_where``, ``reset`` and ``reset_where`` act on the carried state
-    # instead of the variables; ``unstage`` returns the state after those calls.
+    # instead of the variables; ``unstage`` returns the state after those calls. A loop whose
+    # calls never leave a window open starts from ``empty_state`` and writes nothing back.
 
     def read_state(self) -> AccumulatorState:
         """The state as tensors, read from the variables (at the start of an execution)."""
@@ -148,6 +149,14 @@ class GradientAccumulator(tf.Module):  # type: ignore[misc]
             [total.read_value() for total in self._sums],
             self.total_weight.read_value(),
             self.count.read_value(),
+        )
+
+    def empty_state(self) -> AccumulatorState:
+        """The state of an empty window, as tensors (reads no variable)."""
+        return AccumulatorState(
+            [tf.zeros(total.shape, total.dtype) for total in self._sums],
+            tf.constant(0.0, tf.float64),
+            tf.constant(0, tf.int64),
         )
 
     def stage(self, state: AccumulatorState) -> None:

@@ -17,11 +17,10 @@ from typing import Any, Literal
 import keras
 import tensorflow as tf
 
-from tfloop import _checks, _config, _distribute, _seeds
+from tfloop import _checks, _config, _coordinator, _distribute, _seeds
 from tfloop import data as data_lib
 from tfloop._autograph import user_code
 from tfloop._compile import compile_model
-from tfloop._controller import Controller
 from tfloop._engine import Engine, StepMethods
 from tfloop._export import export_model
 from tfloop._fit_args import Duration, as_data, plan_fit
@@ -71,9 +70,10 @@ class Trainer:
         callbacks: ``tfloop.Callback`` s (Keras callbacks are run through ``KerasCallbacks``).
         checkpoint: a directory (checkpoints every epoch, resume from the latest) or a
             ``tfloop.Checkpointer``; ``None`` saves nothing.
-        strategy: a ``tf.distribute.Strategy``. Create the model (and an optimizer instance,
-            if you pass one) inside ``strategy.scope()``. Batches are *global*: each step's
-            batch is split across the replicas. ``None`` runs on the default device.
+        strategy: a ``tf.distribute.Strategy`` (Mirrored, MultiWorkerMirrored, ParameterServer,
+            TPU). Create the model (and an optimizer instance, if you pass one) inside
+            ``strategy.scope()``. Batches are *global*: each step's batch is split across the
+            replicas. ``None`` runs on the default device.
         seed: makes the shuffle of arrays and Dropout reproducible. A model's initial weights
             are drawn when it is created: call ``keras.utils.set_random_seed(seed)`` before.
 
@@ -350,8 +350,8 @@ class Trainer:
 
         Takes ``model.fit``'s arguments, with their meaning (docs/coming-from-keras.md):
         ``fit(x, y, batch_size=32, epochs=10)`` on arrays (tfloop batches them, with a seeded
-        shuffle each epoch), ``fit(dataset)``, ``fit((x, y))``, a ``keras.utils.PyDataset``
-        or a generator of batches; and the keyword arguments ``validation_split``,
+        shuffle each epoch), ``fit(dataset)``, ``fit((x, y))``, a ``keras.utils.PyDataset``,
+        a generator of batches or a dataset function ``fn(tf.distribute.InputContext)``; and the keyword arguments ``validation_split``,
         ``validation_data``, ``shuffle``, ``class_weight``, ``sample_weight``,
         ``initial_epoch``, ``steps_per_epoch``, ``validation_steps``,
         ``validation_batch_size``, ``validation_freq``. ``epochs`` is the epoch to stop at
@@ -364,11 +364,13 @@ class Trainer:
         """
         arguments = dict(locals())
         del arguments["self"], arguments["callbacks"]
-        plan = plan_fit(self.steps_per_execution, self._data_seed, **arguments)
+        plan = plan_fit(
+            self.steps_per_execution, self._data_seed, strategy=self.strategy, **arguments
+        )
         if getattr(self.model, "built", True):
             self._engine.check_can_train()  # else after the first batch builds the model
         self.stop_training = False
-        controller = Controller(self._engine.fit_hooks(), plan, self.checkpoint)
+        controller = _coordinator.controller_for(self._engine.fit_hooks(), plan, self.checkpoint)
         self.run_info = controller.info
         try:
             return controller.fit(self, [*self.callbacks, *_config.validate_callbacks(callbacks)])

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["WriterThread"]
+from tfloop._validate import first_line
+from tfloop.errors import CheckpointError
+
+__all__ = ["BackgroundWrite", "WriterThread"]
+
+logger = logging.getLogger("tfloop")
 
 
 class WriterThread:
@@ -52,3 +59,46 @@ class WriterThread:
             finally:
                 del fn, args
                 self._jobs.task_done()
+
+
+class BackgroundWrite:
+    """The checkpoint write in flight on the writer thread, and how it ended.
+
+    ``submit`` hands a write to the thread; ``wait`` blocks until it is done and raises a
+    :class:`~tfloop.errors.CheckpointError` if it failed (or logs it, for a ``fit`` that is
+    already raising), saying the checkpoints of the index are intact.
+    """
+
+    def __init__(self, index: str, explain: Callable[[BaseException], str | None]) -> None:
+        self._index = index  # the ``checkpoint`` index file, named in a failure's message
+        self._explain = explain  # a better message for some failures (None: the usual one)
+        self._thread = WriterThread()
+        self.pending: str | None = None  # the path the write in flight is making
+        self._error: BaseException | None = None
+
+    def submit(self, path: str, write: Callable[[], None]) -> None:
+        self.pending = path
+        self._thread.submit(self._run, write)
+
+    def _run(self, write: Callable[[], None]) -> None:
+        try:
+            write()
+        except BaseException as error:  # kept for wait() to raise on the training thread
+            self._error = error
+
+    def wait(self, *, raise_error: bool = True) -> None:
+        if self.pending is None:
+            return
+        self._thread.join()
+        error, path = self._error, self.pending
+        self._error = self.pending = None
+        if error is None:
+            return
+        message = self._explain(error) or (
+            f"writing checkpoint {path!r} failed ({type(error).__name__}: "
+            f"{first_line(error)}); the checkpoints listed in {self._index!r} are intact."
+        )
+        if not raise_error:
+            logger.error("tfloop: %s", message)
+            return
+        raise CheckpointError(message) from error

@@ -9,7 +9,8 @@ the data in the same order.
 
 The data position is a batch index for in-memory arrays (their order is a function of the seed
 and the epoch). For a ``tf.data`` dataset it is the iterator's own state plus the few batches
-already pulled into the current superbatch but not run yet.
+already pulled into the current superbatch but not run yet; with per-worker input each worker
+keeps its own (``_worker_data.py``).
 
 Files are those of ``tf.train.CheckpointManager``: the data files first and the ``checkpoint``
 index last, atomically, so a save killed halfway is never taken for a checkpoint. They are
@@ -34,10 +35,10 @@ import tensorflow as tf
 
 from tfloop import _distribute, _validate
 from tfloop._cadence import EveryNSeconds, EveryNSteps
-from tfloop.checkpoint._background import WriterThread
+from tfloop.checkpoint._background import BackgroundWrite
 from tfloop.checkpoint._best import BestCheckpoints
-from tfloop.checkpoint._fastsave import FastWriter, Snapshot
-from tfloop.checkpoint._frozen import SnapshotMap
+from tfloop.checkpoint._directory import check_writable, remove_temporary_files, same_objects
+from tfloop.checkpoint._fastsave import FastWriter
 from tfloop.checkpoint._guards import FiniteWeights, check_kinds, kinds
 from tfloop.checkpoint._metadata import (
     CORRUPT_ERRORS,
@@ -48,7 +49,8 @@ from tfloop.checkpoint._metadata import (
 )
 from tfloop.checkpoint._preemption import PreemptionSignals
 from tfloop.checkpoint._restore import find_candidates, latest_readable, read_metadata
-from tfloop.data import Position, StepStream
+from tfloop.checkpoint._worker_data import WorkerData, agree_on_step, unsaveable
+from tfloop.data import DataSource, Position, StepStream
 from tfloop.errors import CheckpointError, ConfigError
 
 __all__ = ["Checkpointer"]
@@ -69,7 +71,9 @@ class Checkpointer:
             (``directory/ckpt-300``) restores that one; ``None`` starts fresh.
         save_iterator: save the ``tf.data`` iterator state. A large shuffle buffer is part of
             that state and makes checkpoints big; with ``False`` a resume skips to the right
-            batch by count instead, which is exact only for a deterministic pipeline.
+            batch by count instead, which is exact only for a deterministic pipeline. An input
+            whose iterator cannot be saved (the ``tf.data`` service) needs ``False``: ``fit``
+            says so with a CheckpointError before it trains.
         preemption_signals: signals that make ``fit`` save at the next execution boundary and
             return (``trainer.preempted`` is then ``True``). Installed only in the main thread.
         exit_code: if set, the process exits with this code after a preemption save (143 is
@@ -154,9 +158,8 @@ class Checkpointer:
         self._manager: tf.train.CheckpointManager | None = None
         self._writer: FastWriter | None = None
         self._last_position: tuple[int, int, int] | None = None
-        self._thread = WriterThread()
-        self._pending: str | None = None  # the path a background write is making
-        self._write_error: BaseException | None = None
+        self._worker_data: WorkerData | None = None
+        self._background = BackgroundWrite(str(self.directory / "checkpoint"), _explain)
 
     # ----------------------------------------------------------------------------- set up
 
@@ -189,43 +192,21 @@ class Checkpointer:
     @property
     def writing(self) -> bool:
         """Whether a background write may still be running (see :meth:`wait`)."""
-        return self._pending is not None
+        return self._background.pending is not None
 
     def check_writable(self) -> None:
         """Creates the directory and proves it writable; a CheckpointError names it if not."""
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            # One probe per process: the workers of a cluster check the same directory.
-            probe = self.directory / f".tfloop-write-test-{os.getpid()}"
-            probe.write_text("ok")
-            probe.unlink()
-        except OSError as error:
-            raise CheckpointError(
-                f"checkpoint directory {str(self.directory)!r} is not writable ({error}); pass "
-                "a directory you can write to, or checkpoint=None."
-            ) from error
+        check_writable(self.directory)
+
+    def check_input(self, source: DataSource) -> None:
+        """A CheckpointError, before anything trains, if ``save_iterator`` is on and the input's
+        iterator cannot be saved (the ``tf.data`` service)."""
+        if self.save_iterator and source.unsaveable_iterator:
+            raise CheckpointError(unsaveable(source.unsaveable_iterator))
 
     def remove_temporary_files(self) -> list[Path]:
-        """Deletes the leftovers of a save that was killed halfway.
-
-        TF's saver writes into a ``<prefix>_temp/`` directory; ``SaveV2`` writes each file as
-        ``<file>.tempstate<n>`` before renaming it.
-        """
-        removed = []
-        leftovers = {*self.directory.glob("*_temp*"), *self.directory.glob("*.tempstate*")}
-        for path in sorted(leftovers):
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
-            removed.append(path)
-        if removed:
-            logger.warning(
-                "tfloop: removed %d temporary file(s) of an interrupted save in %s",
-                len(removed),
-                self.directory,
-            )
-        return removed
+        """Deletes the leftovers of a save that was killed halfway (see ``_directory.py``)."""
+        return remove_temporary_files(self.directory)
 
     def bind(
         self, objects: Mapping[str, Any], strategy: tf.distribute.Strategy | None = None
@@ -236,7 +217,7 @@ class Checkpointer:
         writer's plan of the last save, stay.
         """
         objects = dict(objects)
-        if self._checkpoint is not None and _same_objects(self._objects or {}, objects):
+        if self._checkpoint is not None and same_objects(self._objects or {}, objects):
             return
         self._objects, self._strategy = objects, strategy
         self._metadata = tf.Variable("", dtype=tf.string, trainable=False, name="metadata")
@@ -255,6 +236,13 @@ class Checkpointer:
         )
         self._finite = FiniteWeights(objects.get("model"))
         self._kinds = kinds(objects)
+
+    def _worker_directory(self) -> WorkerData:
+        """This worker's own input positions (per-worker input; see ``_worker_data.py``)."""
+        if self._worker_data is None:
+            directory = self.directory / "workers" / _distribute.task_id()
+            self._worker_data = WorkerData(directory, self.max_to_keep)
+        return self._worker_data
 
     def _write_directory(self) -> Path:
         """Where this process writes its checkpoints.
@@ -311,7 +299,8 @@ class Checkpointer:
         position = position_of(metadata)
         check_kinds(path, metadata.get("kinds"), self._kinds)
         iterator = None if stream is None else stream.iterator
-        self._attach_iterator(iterator if position.restores_iterator else None)
+        own = position.per_worker and position.iterator  # in this worker's own data
+        self._attach_iterator(iterator if position.restores_iterator and not own else None)
         try:
             status = self._checkpoint.restore(path)
             status.assert_existing_objects_matched()
@@ -332,9 +321,13 @@ class Checkpointer:
                 f"{_validate.first_line(error)}). Nothing was overwritten."
             ) from error
         if stream is not None and position.iterator:
+            leftover = self._leftover.numpy()
+            if own:
+                saved = iterator if position.restores_iterator else None
+                leftover = self._worker_directory().restore(int(metadata["step"]), saved)
             if position.exhausted:
                 stream.finish()
-            stream.restore_leftover(decode_leftover(metadata, self._leftover.numpy()))
+            stream.restore_leftover(decode_leftover(metadata, leftover))
         self._last_position = (position.epoch, position.batch, int(metadata["step"]))
         assert self._writer is not None and self._manager is not None
         writer = self._writer
@@ -395,10 +388,17 @@ class Checkpointer:
             assert stream is not None
             position = dataclasses.replace(position, iterator=True, exhausted=stream.exhausted)
             runs = stream.leftover()
+        fields, leftover = encode_leftover(runs)
+        if position.per_worker and iterator is not None:
+            # Every worker writes its own iterator and leftover batches first; the rest of
+            # the position is the same on every worker and goes into the chief's metadata.
+            saved = None if position.exhausted else iterator
+            self._worker_directory().save(step, saved, leftover)
+            agree_on_step(self._strategy, step)
+            iterator, leftover = None, encode_leftover([])[1]
         # An exhausted iterator is not saved: restoring one disturbs the shuffle seeds of the
         # iterators made after it. "Exhausted" plus the leftover batches says it all.
         self._attach_iterator(None if position.exhausted else iterator)
-        fields, leftover = encode_leftover(runs)
         metadata = {
             "format": FORMAT_VERSION,
             "step": step,
@@ -413,21 +413,27 @@ class Checkpointer:
         # well-trodden path. So is every save under a tf.distribute strategy: reading on-read
         # variables is a cross-replica reduction, which must not run on another thread.
         snapshot = None
-        if not self.preempted and self._strategy is None:
-            snapshot = self._writer.snapshot([encoded, leftover], compiled_only=not self.async_save)
         path, keep = self._writer.path(step), self._kept_paths()
+        try:
+            if not self.preempted and self._strategy is None:
+                snapshot = self._writer.snapshot(
+                    [encoded, leftover], compiled_only=not self.async_save
+                )
+            if snapshot is None:
+                self._leftover.assign(leftover)
+                self._metadata.assign(encoded)
+                path = self._writer.manager_save(step, keep)
+            elif not self.async_save:
+                self._writer.write(snapshot, step, keep)
+        except tf.errors.UnimplementedError as error:
+            raise CheckpointError(unsaveable(_validate.first_line(error))) from error
         if snapshot is None:
-            self._leftover.assign(leftover)
-            self._metadata.assign(encoded)
-            path = self._writer.manager_save(step, keep)
             if self._manager.directory != str(self.directory):  # a worker's copy, not needed
                 shutil.rmtree(self._manager.directory, ignore_errors=True)
                 path = str(self.directory / os.path.basename(path))  # the chief's
         elif self.async_save:
-            self._pending = path
-            self._thread.submit(self._write, snapshot, step, keep)
-        else:
-            self._writer.write(snapshot, step, keep)
+            writer = self._writer
+            self._background.submit(path, lambda: writer.write(snapshot, step, keep))
         if self._every_seconds is not None:
             self._every_seconds.reset()
         self._last_position = (position.epoch, position.batch, step)
@@ -443,36 +449,13 @@ class Checkpointer:
         elif hasattr(self._data, "iterator"):
             del self._data.iterator
 
-    def _write(self, snapshot: Snapshot | SnapshotMap, step: int, keep: list[str]) -> None:
-        """The background write; an error is kept for :meth:`wait` to raise."""
-        assert self._writer is not None
-        try:
-            self._writer.write(snapshot, step, keep)
-        except BaseException as error:  # kept for wait() to raise on the training thread
-            self._write_error = error
-
     def wait(self, *, raise_error: bool = True) -> None:
         """Blocks until a background write is complete; raises CheckpointError if it failed.
 
         With ``raise_error=False`` a failure is logged instead (for a ``fit`` that is already
         raising another error).
         """
-        if self._pending is None:
-            return
-        self._thread.join()
-        error, path = self._write_error, self._pending
-        self._write_error = self._pending = None
-        if error is None:
-            return
-        message = (
-            f"writing checkpoint {path!r} failed ({type(error).__name__}: "
-            f"{_validate.first_line(error)}); the checkpoints listed in "
-            f"{str(self.directory / 'checkpoint')!r} are intact."
-        )
-        if not raise_error:
-            logger.error("tfloop: %s", message)
-            return
-        raise CheckpointError(message) from error
+        self._background.wait(raise_error=raise_error)
 
     # ------------------------------------------------------------------------- preemption
 
@@ -484,17 +467,7 @@ class Checkpointer:
         self._signals.uninstall()
 
 
-def _same_objects(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
-    """Whether two mappings of saved objects hold the same objects (compared by identity)."""
-    if old.keys() != new.keys():
-        return False
-    for name, value in new.items():
-        previous = old[name]
-        if isinstance(value, (list, tuple)) and isinstance(previous, (list, tuple)):
-            if len(value) != len(previous) or any(
-                a is not b for a, b in zip(value, previous, strict=True)
-            ):
-                return False
-        elif value is not previous:
-            return False
-    return True
+def _explain(error: BaseException) -> str | None:
+    if isinstance(error, tf.errors.UnimplementedError):
+        return unsaveable(_validate.first_line(error))
+    return None

@@ -5,7 +5,9 @@ iterator call feeds ``K`` steps. This module makes those superbatches from
 
 * in-memory NumPy arrays or tensors (a tuple ``(x, y)`` / ``(x, y, sample_weight)``, dicts
   allowed inside): tfloop owns batching, a seeded per-epoch shuffle and prefetch;
-* a batched ``tf.data.Dataset`` (``tfds.load(..., as_supervised=True).batch(n)`` included).
+* a batched ``tf.data.Dataset`` (``tfds.load(..., as_supervised=True).batch(n)`` included);
+  under ``MultiWorkerMirroredStrategy`` each worker reads its shard (``_sharding.py``);
+* a dataset function ``fn(tf.distribute.InputContext) -> tf.data.Dataset`` (``_functions.py``).
 
 It also chooses ``K`` (``steps_per_execution="auto"``), and owns the *position* a checkpoint
 saves and a resume starts from (:class:`Position`, :meth:`DataSource.resume`).
@@ -40,13 +42,15 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from tfloop import _validate
+from tfloop import _distribute, _validate
 from tfloop.data._arrays import ArraySource, standardize_arrays
 from tfloop.data._cache import TENSORS
-from tfloop.data._datasets import DatasetSource
+from tfloop.data._functions import CoordinatedSource, function_source
 from tfloop.data._host import IterableSource
 from tfloop.data._kinds import describe, is_arrays, is_batch_iterable, is_batched_input
+from tfloop.data._pipeline import uses_data_service
 from tfloop.data._pydataset import PyDatasetSource
+from tfloop.data._sharding import dataset_source
 from tfloop.data._source import (
     DataSource,
     Piece,
@@ -67,6 +71,7 @@ from tfloop.data._weights import (
 from tfloop.errors import ConfigError, DataError
 
 __all__ = [
+    "CoordinatedSource",
     "DataSource",
     "Piece",
     "Position",
@@ -81,6 +86,7 @@ __all__ = [
     "split_for_validation",
     "static_batch_size",
     "unpack_batch",
+    "uses_data_service",
     "with_sample_weight",
 ]
 
@@ -99,6 +105,7 @@ def adapt(
     argument: str = "data",
     class_weight: Mapping[int, float] | None = None,
     passes: int = 1,
+    strategy: tf.distribute.Strategy | None = None,
 ) -> DataSource:
     """Validates ``data`` and wraps it in a :class:`DataSource` (see the module docstring).
 
@@ -126,6 +133,9 @@ def adapt(
             epochs when ``steps_per_epoch`` is None, else 1, as one stream then runs across
             epochs; validation: how many times it validates). A generator can be read only
             once: more passes are a DataError before anything runs.
+        strategy: the strategy this input trains under, if each worker is to read its own
+            shard (``fit``'s training data); ``None`` reads it whole. A dataset function
+            ``fn(tf.distribute.InputContext)`` is called with each worker's context.
 
     Examples:
         >>> import numpy as np
@@ -153,12 +163,25 @@ def adapt(
             "which makes its own batches (a dataset by its .batch(n)). Drop batch_size, or "
             "pass arrays."
         )
+    if _distribute.is_parameter_server(strategy) and not callable(data):
+        raise ConfigError(
+            f"under ParameterServerStrategy every worker builds its own input, so {argument} "
+            "must be a dataset function, `def dataset_fn(context): return dataset`, not a "
+            f"{type(data).__name__}."
+        )
     source: DataSource
     if isinstance(data, tf.data.Dataset):
         if weights is not None:
             check_spec_for_class_weight(data.element_spec, argument)
             data = data.map(class_weight_map(weights))
-        source = DatasetSource(data, 1, argument)
+        source = dataset_source(data, argument, strategy)
+    elif callable(data) and not isinstance(data, keras.utils.PyDataset) and not is_arrays(data):
+        if weights is not None:
+            raise ConfigError(
+                f"class_weight was given with a dataset function as {argument}; put the "
+                "weights in the batches the function's dataset yields (x, y, sample_weight)."
+            )
+        source = function_source(data, argument, strategy)
     elif isinstance(data, keras.utils.PyDataset):
         source = PyDatasetSource(
             data,
@@ -191,9 +214,11 @@ def adapt(
             pipelines=TENSORS.pipelines_for(arrays),
         )
     if source.infinite and steps is None:
+        what = "is an infinite dataset (it repeats forever)"
+        if isinstance(source, CoordinatedSource):
+            what = "is read by every worker of the ParameterServerStrategy cluster, repeated"
         raise DataError(
-            f"{argument} is an infinite dataset (it repeats forever); pass {steps_argument}=... "
-            "to say how many batches to use."
+            f"{argument} {what}; pass {steps_argument}=... to say how many batches to use."
         )
     source.steps_per_execution = choose_steps_per_execution(
         steps_per_execution, source.bytes_per_batch, steps or source.steps_per_epoch

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -43,6 +43,8 @@ class DatasetSource(DataSource):
             leaf.dtype.size * int(np.prod([d or 1 for d in leaf.shape[1:]])) for leaf in leaves
         )
         self.bytes_per_batch = bytes_per_example * (self.batch_size or DEFAULT_BATCH_SIZE)
+        # Per-worker input: makes every worker cut its superbatches alike (data/_lockstep.py).
+        self.synchronize: Callable[[Iterator[list[Piece]]], Iterator[list[Piece]]] | None = None
 
     def example_batch(self) -> Nested:
         return tf.nest.map_structure(
@@ -68,6 +70,8 @@ class DatasetSource(DataSource):
         k = self.steps_per_execution
         self._iterators_made += 1
         iterator, groups = superbatches(self.dataset, k, self.uniform)
+        if self.synchronize is not None:
+            groups = self.synchronize(groups)
         stream = StepStream(groups, k, iterator)
         stream.seeds_at_creation = self._iterators_made
         if start_step:

@@ -225,7 +225,9 @@ class Position:
     is the position), ``exhausted`` that it had run out (its remaining steps were all pulled).
     ``seeds_drawn`` and ``stream_seeds`` count the shuffle seeds a dataset had drawn, in all and
     when the current stream was made, so a resumed run draws the same ones (see
-    :meth:`DataSource.resume`).
+    :meth:`DataSource.resume`). ``per_worker``: each worker of a cluster reads its own shard, so
+    each saves its own iterator state and leftover batches (the rest is the same on every
+    worker).
     """
 
     epoch: int
@@ -234,6 +236,7 @@ class Position:
     exhausted: bool = False
     seeds_drawn: int = 0
     stream_seeds: int | None = None
+    per_worker: bool = False
 
     @property
     def restores_iterator(self) -> bool:
@@ -254,6 +257,11 @@ class DataSource:
     """The position is a batch index into a finite input that tfloop orders itself by seed and
     epoch (in-memory arrays, a ``keras.utils.PyDataset``): one pass over the data per epoch
     whatever ``steps_per_epoch`` says."""
+    per_worker: bool = False
+    """Under ``MultiWorkerMirroredStrategy``: each batch is this worker's share of the global
+    batch (split among its local replicas), not the global batch every worker holds."""
+    unsaveable_iterator: str | None = None
+    """Why a checkpoint cannot save this input's iterator (the ``tf.data`` service), or None."""
 
     bytes_per_batch: int
 
@@ -352,6 +360,7 @@ class DataSource:
             batch=batch,
             seeds_drawn=self.seeds_drawn,
             stream_seeds=None if stream is None else stream.seeds_at_creation,
+            per_worker=self.per_worker,
         )
 
 
