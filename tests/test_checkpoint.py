@@ -19,6 +19,7 @@ import tensorflow as tf
 from conftest import assert_weights_equal, make_data, make_model, weights_of
 
 import tfloop
+from tfloop.checkpoint._background import BackgroundWrite
 from tfloop.errors import CheckpointError, ConfigError
 
 JOB = Path(__file__).with_name("resume_job.py")
@@ -312,13 +313,13 @@ def test_without_the_iterator_state_a_deterministic_dataset_resumes_by_count(tmp
 
 def slow_writes(monkeypatch, seconds=0.3):
     """Makes every background write start late, so training runs on while it is pending."""
-    write = tfloop.Checkpointer._write
+    run = BackgroundWrite._run
 
     def late(self, *args):
         time.sleep(seconds)
-        write(self, *args)
+        run(self, *args)
 
-    monkeypatch.setattr(tfloop.Checkpointer, "_write", late)
+    monkeypatch.setattr(BackgroundWrite, "_run", late)
 
 
 def checkpoint_values(path):
@@ -431,7 +432,7 @@ def test_a_failed_write_raises_at_the_next_save(tmp_path, async_save):
 
 def test_async_save_false_writes_before_training_goes_on(tmp_path, monkeypatch):
     started = []
-    monkeypatch.setattr(tfloop.Checkpointer, "_write", lambda *args: started.append(args))
+    monkeypatch.setattr(BackgroundWrite, "submit", lambda *args: started.append(args))
     trainer = fit(tmp_path, epochs=1, every_epoch=False, async_save=False)
     assert started == []
     assert Path(tf.train.latest_checkpoint(str(tmp_path))).name == "ckpt-6"
