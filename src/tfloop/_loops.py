@@ -30,8 +30,9 @@ import numpy as np
 import tensorflow as tf
 
 from tfloop import _distribute
-from tfloop._autograph import user_code
+from tfloop._runner import StepRunner, zeros_of
 from tfloop._validate import first_line
+from tfloop.data._mixed import MixedSteps
 from tfloop.errors import TfloopError, WorkerError
 
 __all__ = ["CompiledLoop", "LoopSpec", "UpdateWindow"]
@@ -114,7 +115,8 @@ class CompiledLoop:
         self.spec = spec
         self.jit = spec.jit
         self._function: Any = None
-        self._concrete: dict[Any, Any] = {}  # the function's traces, by flat input shapes
+        self._mixed: dict[Any, Any] = {}  # a function per tuple of shapes (MixedSteps)
+        self._concrete: dict[Any, Any] = {}  # the functions' traces, by flat input shapes
 
     @property
     def kind(self) -> Kind:
@@ -133,7 +135,16 @@ class CompiledLoop:
                 raise
             raise original from None
 
+    @property
+    def dispatches_shapes(self) -> bool:
+        """Whether a MixedSteps superbatch runs as one execution (else by runs of one shape):
+        without a strategy (its split is along the batch axis), compiled, and not for
+        predict (whose outputs differ in shape with the batch)."""
+        return self.spec.strategy is None and not self.spec.eager and self.kind != "predict"
+
     def _run(self, superbatch: Nested, start: int, stop: int, *extra: int) -> Any:
+        if isinstance(superbatch, MixedSteps) and not self.dispatches_shapes:
+            return self._run_by_runs(superbatch, start, stop, *extra)
         if self._function is None:
             self._function = _build(self.spec, self.jit)
         bounds = (tf.constant(start, tf.int32), tf.constant(stop, tf.int32))
@@ -175,8 +186,19 @@ class CompiledLoop:
             )
             self.jit = False
             self._function = _build(self.spec, self.jit)
+            self._mixed.clear()
             self._concrete.clear()
             return self._call(superbatch, *bounds, *extras)
+
+    def _run_by_runs(self, superbatch: MixedSteps, start: int, stop: int, *extra: int) -> Any:
+        """Steps ``start..stop-1`` of ``superbatch``, one execution per run of one shape (each
+        run padded to K steps, so runs of a shape share a trace); ``flush_at`` (training)
+        moves with its run. Returns what the last execution returned."""
+        result = None
+        for first, end, run in superbatch.runs(start, stop, padded=True):
+            shifted = tuple(e - first if first <= e < end else -1 for e in extra)
+            result = self._run(run, 0, end - first, *shifted)
+        return result
 
     def _call(self, superbatch: Nested, *args: tf.Tensor) -> Any:
         """Calls the function's trace for this superbatch's shapes directly.
@@ -185,12 +207,20 @@ class CompiledLoop:
         traces) cost about half of tfloop's ~1 ms of host time per execution; a trace looked up
         by the shapes and dtypes of the flat inputs, and called with them, skips it.
         """
-        flat = tf.nest.flatten(superbatch)
-        structure = repr(tf.nest.map_structure(lambda _: None, superbatch))
-        key = (structure, len(args), *((t.dtype, tuple(t.shape)) for t in flat))
+        shapes = None
+        function, inputs = self._function, (superbatch,)
+        if isinstance(superbatch, MixedSteps):
+            shapes = superbatch.shapes
+            function = self._mixed.get(shapes)
+            if function is None:
+                function = self._mixed[shapes] = _build(self.spec, self.jit, shapes)
+            inputs = ((superbatch.data, superbatch.which),)
+        flat = tf.nest.flatten(inputs)
+        structure = repr(tf.nest.map_structure(lambda _: None, inputs))
+        key = (shapes, structure, len(args), *((t.dtype, tuple(t.shape)) for t in flat))
         concrete = self._concrete.get(key)
         if concrete is None:
-            concrete = self._function.get_concrete_function(superbatch, *args)
+            concrete = function.get_concrete_function(*inputs, *args)
             self._concrete[key] = concrete
         return concrete._call_flat([*flat, *args], concrete.captured_inputs)
 
@@ -198,7 +228,7 @@ class CompiledLoop:
         """Runs a predict loop over ``(superbatch, start, stop)`` chunks; returns the outputs
         of every step run, concatenated along the batch axis, as NumPy."""
         outputs: list[Any] = []
-        for data, start, stop in chunks:
+        for data, start, stop in _plain_chunks(chunks):
             stacked = self(data, start, stop)
             outputs.append(
                 tf.nest.map_structure(
@@ -210,10 +240,24 @@ class CompiledLoop:
 
     @property
     def tracing_count(self) -> int:
-        """How many times the function was traced (one per distinct superbatch shape)."""
+        """How many times the functions were traced: one per distinct superbatch shape, and
+        one per tuple of batch shapes a MixedSteps superbatch dispatches over."""
         if self._function is None or self.spec.eager:
             return 0
-        return int(self._function.experimental_get_tracing_count())
+        functions = [self._function, *self._mixed.values()]
+        return sum(int(f.experimental_get_tracing_count()) for f in functions)
+
+
+def _plain_chunks(
+    chunks: Iterable[tuple[Nested, int, int]],
+) -> Iterable[tuple[Nested, int, int]]:
+    """``chunks`` with each MixedSteps chunk replaced by its runs of one shape."""
+    for data, start, stop in chunks:
+        if isinstance(data, MixedSteps):
+            for first, end, run in data.runs(start, stop, padded=True):
+                yield run, 0, end - first
+        else:
+            yield data, start, stop
 
 
 def _tfloop_error(error: BaseException) -> TfloopError | None:
@@ -236,118 +280,6 @@ def _peer_reason(error: BaseException) -> str:
     return first_line(error)
 
 
-# ------------------------------------------------------------------------- building blocks
-
-
-def _step_batch(data: Nested, i: tf.Tensor) -> Nested:
-    """Step ``i`` of a superbatch."""
-    return tf.nest.map_structure(lambda t: t[i], data)
-
-
-def _specs(outputs: Nested) -> Nested | None:
-    if outputs is None:  # a step that returns nothing adds nothing to the logs
-        return None
-    return tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape, t.dtype), outputs)
-
-
-def _zeros(spec: Nested | None, what: str) -> Nested:
-    """Zeros of ``spec``: the logs a loop starts from (an empty dict for none)."""
-    if spec is None:
-        return {}
-
-    def zeros(s: tf.TensorSpec) -> tf.Tensor:
-        if not s.shape.is_fully_defined():
-            raise TypeError(
-                f"{what} returned a tensor of shape {s.shape}; the values a step method returns "
-                "must have a static shape (return scalars, or track values with a metric)."
-            )
-        return tf.zeros(s.shape, s.dtype)
-
-    return tf.nest.map_structure(zeros, spec)
-
-
-class _Runner:
-    """Runs step ``i`` of a superbatch: directly, or on every replica of a strategy.
-
-    ``output_spec(data)`` traces the step once (nothing runs) to find the structure it
-    returns, inside the traced loop: each new superbatch shape sees its own batch shape.
-    """
-
-    def __init__(self, spec: LoopSpec, jit: bool) -> None:
-        self.spec = spec
-        self.strategy = spec.strategy
-        step = spec.step
-
-        def replica_step(data: Nested, i: tf.Tensor) -> Any:
-            # A subclass's step is user code: AutoGraph converts it (see _autograph.py).
-            return user_code(step)(_step_batch(data, i))
-
-        # Without a strategy the whole loop is one XLA program; under one, each replica's step.
-        self._replica_step = (
-            tf.function(replica_step, jit_compile=True)
-            if jit and self.strategy is not None
-            else replica_step
-        )
-
-    def output_spec(self, data: Nested) -> Nested | None:
-        strategy = self.strategy
-
-        def step(batch: Nested) -> Any:
-            return user_code(self.spec.step)(batch)
-
-        if strategy is None:
-            batch = tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape[1:], t.dtype), data)
-            return _specs(tf.function(step).get_concrete_function(batch).structured_outputs)
-
-        def one_replica(batch: Nested) -> Nested:
-            # Traced inside strategy.run: the step updates on-read variables, which only
-            # replica context allows.
-            return _distribute.first_local(strategy, strategy.run(step, args=(batch,)))
-
-        local = _distribute.first_local(strategy, data)
-        batch = tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape[1:], t.dtype), local)
-        return _specs(tf.function(one_replica).get_concrete_function(batch).structured_outputs)
-
-    def first_local(self, data: Nested) -> Nested:
-        """The first local replica's share of ``data`` (a strategy's per-replica values)."""
-        assert self.strategy is not None
-        return _distribute.first_local(self.strategy, data)
-
-    def logs_spec(self, data: Nested) -> Nested | None:
-        """The structure of the step's logs, traced; None when they are not kept (eagerly,
-        what a step returns is kept as it comes)."""
-        if self.spec.eager or not self.spec.returns_logs:
-            return None
-        return self.output_spec(data)
-
-    def keeps(self, logs_spec: Nested | None, outputs: Any) -> bool:
-        """Whether ``outputs`` of a step become the loop's step logs."""
-        if self.spec.eager:
-            return self.spec.returns_logs and outputs is not None
-        return logs_spec is not None
-
-    def run(self, data: Nested, i: tf.Tensor) -> Any:
-        """Step ``i``; under a strategy, its outputs averaged over the replicas."""
-        strategy = self.strategy
-        if strategy is None:
-            return self._replica_step(data, i)
-        outputs = strategy.run(self._replica_step, args=(data, i))
-        if not self.spec.returns_logs:
-            return None
-        return tf.nest.map_structure(
-            lambda v: strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None), outputs
-        )
-
-    def predict(self, data: Nested, i: tf.Tensor) -> Any:
-        """Step ``i``'s outputs; under a strategy, every replica's, concatenated in the order
-        the superbatch was split in (gathered across workers too)."""
-        strategy = self.strategy
-        if strategy is None:
-            return self._replica_step(data, i)
-        outputs = strategy.run(self._replica_step, args=(data, i))
-        return tf.nest.map_structure(lambda v: strategy.gather(v, axis=0), outputs)
-
-
 # ------------------------------------------------------------------------------- the loops
 # The loop bodies below are converted by AutoGraph (tf.function converts the function it is
 # given); the helpers they call are not, so all control flow is written in the bodies. Every
@@ -355,10 +287,12 @@ class _Runner:
 # compile-time constant and compile again for every new chunk length.
 
 
-def _build(spec: LoopSpec, jit: bool) -> Any:
+def _build(spec: LoopSpec, jit: bool, shapes: Any = None) -> Any:
+    """The loop's function; with ``shapes``, the one that takes a MixedSteps of those batch
+    shapes as ``(data, which, ...)``."""
     if spec.eager:
         jit = False
-    runner = _Runner(spec, jit)
+    runner = StepRunner(spec, jit, shapes)
     loop_jit = jit and spec.strategy is None
     if spec.kind == "predict":
         body = _predict_body(runner)
@@ -371,15 +305,16 @@ def _build(spec: LoopSpec, jit: bool) -> Any:
     return body if spec.eager else tf.function(body, jit_compile=loop_jit)
 
 
-def _steps_body(runner: _Runner, spec: LoopSpec) -> Callable[..., Any]:
+def _steps_body(runner: StepRunner, spec: LoopSpec) -> Callable[..., Any]:
     """Test steps, and train steps without a staged window."""
     window, results = spec.window, spec.results
     assert results is not None
     what = f"{spec.kind}_step"
 
     def run_steps(data: Nested, start: tf.Tensor, stop: tf.Tensor, *flush: tf.Tensor) -> Any:
+        data = runner.superbatch(data)
         logs_spec = runner.logs_spec(data)
-        step_logs = _zeros(logs_spec, what)
+        step_logs = zeros_of(logs_spec, what)
         i = start
         while i < stop:
             outputs = runner.run(data, i)
@@ -393,7 +328,7 @@ def _steps_body(runner: _Runner, spec: LoopSpec) -> Callable[..., Any]:
     return run_steps
 
 
-def _windowed_body(runner: _Runner, spec: LoopSpec, jit: bool) -> Callable[..., Any]:
+def _windowed_body(runner: StepRunner, spec: LoopSpec, jit: bool) -> Callable[..., Any]:
     """Train steps with the window's state carried in loop registers, one inner loop per window.
 
     The window is closed (one ``tf.cond``) after its micro-batches, not tested after every one.
@@ -410,12 +345,15 @@ def _windowed_body(runner: _Runner, spec: LoopSpec, jit: bool) -> Callable[..., 
     unrolls = jit and spec.unroll and steps <= UNROLL_MAX
 
     def run_steps(data: Nested, start: tf.Tensor, stop: tf.Tensor, flush_at: tf.Tensor) -> Any:
+        data = runner.superbatch(data)
         logs_spec = runner.logs_spec(data)
-        step_logs = _zeros(logs_spec, "train_step")
+        step_logs = zeros_of(logs_spec, "train_step")
         state = window.read_state()
+        # A MixedSteps step runs in a switch branch, which cannot be unrolled into a block.
+        unrolled = unrolls and not isinstance(data, MixedSteps)
         i = start
         while i < stop:
-            if unrolls:
+            if unrolled:
                 # Whole windows: the window is empty and its k micro-batches are all here.
                 while window.count(state) == 0 and i + steps <= stop:
                     window.stage(state)
@@ -426,9 +364,7 @@ def _windowed_body(runner: _Runner, spec: LoopSpec, jit: bool) -> Callable[..., 
                     i += steps
             # The micro-batches of one window (fewer if the chunk ends first).
             while i < stop and window.count(state) < steps:
-                window.stage(state)
-                outputs = runner.run(data, i)
-                state = window.unstage()
+                outputs, state = runner.run_staged(data, i, window, state)
                 if runner.keeps(logs_spec, outputs):
                     step_logs = outputs
                 i += 1
@@ -441,7 +377,7 @@ def _windowed_body(runner: _Runner, spec: LoopSpec, jit: bool) -> Callable[..., 
     return run_steps
 
 
-def _predict_body(runner: _Runner) -> Callable[..., Any]:
+def _predict_body(runner: StepRunner) -> Callable[..., Any]:
     def predict_steps(data: Nested, start: tf.Tensor, stop: tf.Tensor, *batch: tf.Tensor) -> Any:
         if runner.spec.eager:
             return _eager_predict(runner, data, int(start), int(stop))
@@ -473,7 +409,7 @@ def _predict_body(runner: _Runner) -> Callable[..., Any]:
     return predict_steps
 
 
-def _eager_predict(runner: _Runner, data: Nested, start: int, stop: int) -> Nested:
+def _eager_predict(runner: StepRunner, data: Nested, start: int, stop: int) -> Nested:
     """The predict loop run eagerly: the outputs of steps ``start..stop-1`` in ``[K, ...]``
     buffers (other rows zero), as the compiled loop returns them."""
     local = data if runner.strategy is None else runner.first_local(data)

@@ -9,6 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfloop.data._source import DataSource, Piece, StepStream, pad_steps
+from tfloop.data._stacking import ShapeStacker, with_step_sizes
 from tfloop.errors import DataError
 
 __all__ = ["DatasetSource"]
@@ -43,6 +44,8 @@ class DatasetSource(DataSource):
             leaf.dtype.size * int(np.prod([d or 1 for d in leaf.shape[1:]])) for leaf in leaves
         )
         self.bytes_per_batch = bytes_per_example * (self.batch_size or DEFAULT_BATCH_SIZE)
+        self._stacker = ShapeStacker(dataset.element_spec)  # lasts across epochs, as traces do
+        self._stacks_by_k: dict[int, tf.data.Dataset] = {}
 
     def example_batch(self) -> Nested:
         return tf.nest.map_structure(
@@ -77,6 +80,15 @@ class DatasetSource(DataSource):
                     ".batch(batch_size) on the dataset before passing it."
                 )
 
+    def _stacks(self, k: int) -> tf.data.Dataset:
+        """The padded stacks of ``k`` batches and their sizes; made once per ``k`` (building
+        the dataset traces its map function)."""
+        stacks = self._stacks_by_k.get(k)
+        if stacks is None:
+            stacks = with_step_sizes(self.dataset).padded_batch(k).prefetch(2)
+            self._stacks_by_k[k] = stacks
+        return stacks
+
     def stream(self, epoch: int, start_step: int = 0) -> StepStream:
         k = self.steps_per_execution
         self._iterators_made += 1
@@ -84,16 +96,11 @@ class DatasetSource(DataSource):
             iterator = iter(self.dataset.batch(k).prefetch(2))
             groups: Iterator[list[Piece]] = ([pad_steps(data, k)] for data in iterator)
         else:
-            # Batches may differ in shape (the last, partial batch; bucketed sequence lengths).
-            # Stack them padded, with each step's true shapes, and cut runs of equal shape back
-            # out on the host: once per superbatch, not per step.
-            def with_shapes(*element: Any) -> Any:
-                element = element[0] if len(element) == 1 else element
-                shapes = tuple(tf.shape(t) for t in tf.nest.flatten(element))
-                return element, shapes
-
-            iterator = iter(self.dataset.map(with_shapes).padded_batch(k).prefetch(2))
-            groups = (split_runs(data, shapes, k) for data, shapes in iterator)
+            # Batches may differ in shape (the last, partial batch; bucketed sequence lengths):
+            # stacked padded, with each step's sizes; see _stacking.py.
+            stacker = self._stacker
+            iterator = iter(self._stacks(k))
+            groups = (stacker.pieces(data, sizes, k) for data, sizes in iterator)
         stream = StepStream(groups, k, iterator)
         stream.seeds_at_creation = self._iterators_made
         if start_step:
@@ -106,26 +113,3 @@ class DatasetSource(DataSource):
                     break
                 skipped += chunk[2] - chunk[1]
         return stream
-
-
-def split_runs(data: Nested, shapes: Any, k: int) -> list[Piece]:
-    rows = np.concatenate([s.numpy() for s in shapes], axis=1)  # one row of shapes per step
-    pieces = []
-    start = 0
-    while start < len(rows):
-        stop = start + 1
-        while stop < len(rows) and np.array_equal(rows[stop], rows[start]):
-            stop += 1
-        run = slice_run(data, start, stop, [s[start].numpy() for s in shapes])
-        pieces.append(pad_steps(run, k))
-        start = stop
-    return pieces
-
-
-def slice_run(data: Nested, start: int, stop: int, shapes: list[np.ndarray]) -> Nested:
-    leaves = tf.nest.flatten(data)
-    cut = [
-        leaf[start:stop][tuple([slice(None)] + [slice(0, int(d)) for d in shape])]
-        for leaf, shape in zip(leaves, shapes, strict=False)
-    ]
-    return tf.nest.pack_sequence_as(data, cut)

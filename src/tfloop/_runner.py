@@ -1,0 +1,208 @@
+"""How step ``i`` of a superbatch runs inside a compiled loop.
+
+Directly (the step on ``data[i]``), on every replica of a ``tf.distribute`` strategy, or, for a
+:class:`~tfloop.data._mixed.MixedSteps` superbatch of batches of several shapes, dispatched by
+:meth:`~tfloop.data._mixed.MixedSteps.dispatch` to code that sees the step at its own static
+shape. The loops of
+``_loops.py`` call a :class:`StepRunner` and never look inside a superbatch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import tensorflow as tf
+
+from tfloop import _distribute
+from tfloop._autograph import user_code
+from tfloop.data._mixed import MixedSteps
+
+__all__ = ["StepRunner", "StepSpec", "batch_spec", "zeros_of"]
+
+Nested = Any
+
+
+class StepSpec(Protocol):
+    """The part of a ``LoopSpec`` a runner uses."""
+
+    @property
+    def step(self) -> Callable[[Nested], Any]: ...
+
+    @property
+    def strategy(self) -> tf.distribute.Strategy | None: ...
+
+    @property
+    def returns_logs(self) -> bool: ...
+
+    @property
+    def eager(self) -> bool: ...
+
+
+class Staging(Protocol):
+    """The part of an ``UpdateWindow`` a staged step uses."""
+
+    def stage(self, state: Any) -> None: ...
+
+    def unstage(self) -> Any: ...
+
+
+def step_batch(data: Nested, i: tf.Tensor) -> Nested:
+    """Step ``i`` of a (plain) superbatch."""
+    return tf.nest.map_structure(lambda t: t[i], data)
+
+
+def batch_spec(data: Nested) -> Nested:
+    """The spec of one batch of a superbatch (of its first shape, for MixedSteps)."""
+    if isinstance(data, MixedSteps):
+        return tf.nest.pack_sequence_as(
+            data.data,
+            [
+                tf.TensorSpec(shape, leaf.dtype)
+                for leaf, shape in zip(tf.nest.flatten(data.data), data.shapes[0], strict=True)
+            ],
+        )
+    return tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape[1:], t.dtype), data)
+
+
+def _specs(outputs: Nested) -> Nested | None:
+    if outputs is None:  # a step that returns nothing adds nothing to the logs
+        return None
+    return tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape, t.dtype), outputs)
+
+
+def zeros_of(spec: Nested | None, what: str) -> Nested:
+    """Zeros of ``spec``: the logs a loop starts from (an empty dict for none)."""
+    if spec is None:
+        return {}
+
+    def zeros(s: tf.TensorSpec) -> tf.Tensor:
+        if not s.shape.is_fully_defined():
+            raise TypeError(
+                f"{what} returned a tensor of shape {s.shape}; the values a step method returns "
+                "must have a static shape (return scalars, or track values with a metric)."
+            )
+        return tf.zeros(s.shape, s.dtype)
+
+    return tf.nest.map_structure(zeros, spec)
+
+
+class StepRunner:
+    """Runs step ``i`` of a superbatch: directly, by shape, or on every replica of a strategy.
+
+    ``output_spec(data)`` traces the step once (nothing runs) to find the structure it
+    returns, inside the traced loop: each new superbatch shape sees its own batch shape.
+    A :class:`MixedSteps` superbatch only comes without a strategy (the loop runs it by runs
+    of one shape otherwise).
+    """
+
+    def __init__(self, spec: StepSpec, jit: bool, shapes: Any = None) -> None:
+        self.spec = spec
+        self.strategy = spec.strategy
+        self.shapes = shapes
+        step = spec.step
+
+        def replica_step(data: Nested, i: tf.Tensor) -> Any:
+            # A subclass's step is user code: AutoGraph converts it (see _autograph.py).
+            if isinstance(data, MixedSteps):
+                return data.dispatch(i, user_code(step))
+            return user_code(step)(step_batch(data, i))
+
+        # Without a strategy the whole loop is one XLA program; under one, each replica's step.
+        self._replica_step = (
+            tf.function(replica_step, jit_compile=True)
+            if jit and self.strategy is not None
+            else replica_step
+        )
+
+    def superbatch(self, data: Nested) -> Nested:
+        """What the loop's function was called with, as the superbatch to run: ``data``, or
+        with ``shapes`` (a function for MixedSteps of those shapes) ``(data, which)`` as
+        MixedSteps (a function's arguments are tensors, so the shapes come with the function).
+        """
+        if self.shapes is None:
+            return data
+        stack, which = data
+        return MixedSteps(stack, which, self.shapes)
+
+    def output_spec(self, data: Nested) -> Nested | None:
+        strategy = self.strategy
+
+        def step(batch: Nested) -> Any:
+            return user_code(self.spec.step)(batch)
+
+        if strategy is None:
+            batch = batch_spec(data)
+            return _specs(tf.function(step).get_concrete_function(batch).structured_outputs)
+
+        def one_replica(batch: Nested) -> Nested:
+            # Traced inside strategy.run: the step updates on-read variables, which only
+            # replica context allows.
+            return _distribute.first_local(strategy, strategy.run(step, args=(batch,)))
+
+        local = _distribute.first_local(strategy, data)
+        batch = batch_spec(local)
+        return _specs(tf.function(one_replica).get_concrete_function(batch).structured_outputs)
+
+    def first_local(self, data: Nested) -> Nested:
+        """The first local replica's share of ``data`` (a strategy's per-replica values)."""
+        assert self.strategy is not None
+        return _distribute.first_local(self.strategy, data)
+
+    def logs_spec(self, data: Nested) -> Nested | None:
+        """The structure of the step's logs, traced; None when they are not kept (eagerly,
+        what a step returns is kept as it comes)."""
+        if self.spec.eager or not self.spec.returns_logs:
+            return None
+        return self.output_spec(data)
+
+    def keeps(self, logs_spec: Nested | None, outputs: Any) -> bool:
+        """Whether ``outputs`` of a step become the loop's step logs."""
+        if self.spec.eager:
+            return self.spec.returns_logs and outputs is not None
+        return logs_spec is not None
+
+    def run(self, data: Nested, i: tf.Tensor) -> Any:
+        """Step ``i``; under a strategy, its outputs averaged over the replicas."""
+        strategy = self.strategy
+        if strategy is None:
+            return self._replica_step(data, i)
+        outputs = strategy.run(self._replica_step, args=(data, i))
+        if not self.spec.returns_logs:
+            return None
+        return tf.nest.map_structure(
+            lambda v: strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None), outputs
+        )
+
+    def run_staged(self, data: Nested, i: tf.Tensor, window: Staging, state: Any) -> Any:
+        """Step ``i`` with ``state`` staged in ``window``: ``(outputs, state after it)``.
+
+        For MixedSteps the staging happens inside the code run for each shape: the state the
+        step leaves is a value there, and must leave it as one of that code's outputs.
+        """
+        if not isinstance(data, MixedSteps):
+            window.stage(state)
+            outputs = self.run(data, i)
+            return outputs, window.unstage()
+        step = user_code(self.spec.step)
+        nothing: list[bool] = []
+
+        def staged(batch: Nested) -> Any:
+            window.stage(state)
+            outputs = step(batch)
+            if outputs is None:
+                nothing.append(True)
+                outputs = tf.constant(0)
+            return outputs, window.unstage()
+
+        outputs, state = data.dispatch(i, staged)
+        return (None if nothing else outputs), state
+
+    def predict(self, data: Nested, i: tf.Tensor) -> Any:
+        """Step ``i``'s outputs; under a strategy, every replica's, concatenated in the order
+        the superbatch was split in (gathered across workers too)."""
+        strategy = self.strategy
+        if strategy is None:
+            return self._replica_step(data, i)
+        outputs = strategy.run(self._replica_step, args=(data, i))
+        return tf.nest.map_structure(lambda v: strategy.gather(v, axis=0), outputs)
