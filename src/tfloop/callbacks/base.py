@@ -26,6 +26,9 @@ class RunInfo:
         steps_per_epoch: micro-batches per epoch, if known.
         validates: whether this ``fit`` has validation data.
         epoch: the current epoch (0-based).
+        input_seconds: seconds the current epoch's training has spent waiting for its input
+            so far: pulling batches from the iterator and stacking them, between compiled
+            executions (0 at each epoch start). Near the epoch's time, the loop is input-bound.
     """
 
     in_fit: bool = False
@@ -33,6 +36,7 @@ class RunInfo:
     steps_per_epoch: int | None = None
     validates: bool = False
     epoch: int = 0
+    input_seconds: float = 0.0
 
 
 class TrainerView(Protocol):
