@@ -15,6 +15,7 @@ moment it is released to its epoch-end callback: everything between two epoch en
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import functools
 import queue
 import threading
@@ -354,14 +355,22 @@ def _batch_shape_key(x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
 def superbatches(setup: Setup, k: int) -> tf.data.Dataset:
     """``pipeline.batch(K)``: K batches stacked into one ``[K, B, ...]`` element.
 
-    ``tf.data`` cannot stack batches of different shapes, so when the workload's batches have
-    several (a last, partial batch; buckets of sequence lengths), batches are first grouped by
-    shape with ``group_by_window`` and each group is stacked K at a time; a group's last
-    superbatch may be shorter. For the text workload this changes the order of the batches
-    (each shape's batches come together), not which batches an epoch trains on.
+    ``tf.data`` cannot stack batches of different shapes (``batch(K)`` fails with "Cannot
+    batch tensors with different shapes"). Where only the last batch is partial (``mlp-ds``),
+    the hand writer knows where it is: the full batches are stacked with ``take(n).batch(K)``
+    and the partial one comes after, on its own (``skip(n)``). Where shapes interleave
+    (``text``'s buckets), batches are first grouped by shape with ``group_by_window`` and each
+    group is stacked K at a time; a group's last superbatch may be shorter. That changes the
+    order of the batches (each shape's batches come together), not which batches an epoch
+    trains on.
     """
     if not setup.workload.mixed_shapes:
         return setup.dataset.batch(k).prefetch(tf.data.AUTOTUNE)
+    if setup.workload.remainder:
+        full = setup.num_batches - 1
+        head = setup.dataset.take(full).batch(k)
+        tail = setup.dataset.skip(full).batch(k)
+        return head.concatenate(tail).prefetch(tf.data.AUTOTUNE)
     grouped = setup.dataset.group_by_window(
         _batch_shape_key, lambda _, batches: batches.batch(k), window_size=k
     )
@@ -384,15 +393,26 @@ def hand_loop(setup: Setup, config: Config) -> EpochFn:
             hand.step(xs[i], ys[i])
 
     run_superbatch = tf.function(superbatch_steps, jit_compile=True)
+    background_release = bool(config.get("background_release"))
 
     def epoch() -> float:
         hand.reset_metrics()
-        for xs, ys in stacked:
+        iterator = iter(stacked)
+        for xs, ys in iterator:
             run_superbatch(xs, ys)
             hand.execution_done()
+        if background_release:
+            # Release the exhausted iterator on another thread, as tfloop does: released
+            # here it can hold the loop until tf.data's autotuning thread wakes up.
+            holder = [iterator]
+            del iterator
+            _RELEASER.submit(holder.clear)
         return hand.mean_loss()
 
     return _with_traces(epoch, run_superbatch)
+
+
+_RELEASER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="release")
 
 
 # --- tfloop ----------------------------------------------------------------------------------
@@ -615,6 +635,7 @@ CONTENDERS: dict[str, Contender] = {
         Contender("hand-loop-step", hand_loop_step),
         Contender("hand-loop-K64", hand_loop, ({"K": 64},)),
         Contender("hand-loop-K256", hand_loop, ({"K": 256},)),
+        Contender("hand-loop-K128-bg", hand_loop, ({"K": 128, "background_release": True},)),
         Contender("tfloop-default", tfloop_default),
         Contender("tfloop-noaccum", tfloop_noaccum),
         Contender("tfloop-ckpt100", tfloop_checkpoint),

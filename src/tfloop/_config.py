@@ -163,6 +163,13 @@ def auto_jit_compile(model: Any) -> bool:
     without XLA; the choice is logged once per model, at INFO. Every other model starts with
     XLA (and falls back without it if XLA cannot compile the step). ``jit_compile=True`` or
     ``False`` overrides this.
+
+    Embeddings keep XLA. Under XLA an ``Embedding``'s gradient is a scatter-add into a dense
+    zero table, where TensorFlow alone passes ``IndexedSlices``; but Keras's Adam densifies
+    those anyway (its moments update every row), and with SGD XLA turns the update into an
+    in-place scatter on the rows used. Measured per step (batch of 32 x 64 tokens, 64 steps per
+    call, 2 CPU cores): XLA was 4.0x faster with Adam and 6.4x with SGD at 5,000 rows, 1.6x and
+    12x at 50,000, 1.7x and 86x at 500,000.
     """
     if not isinstance(model, keras.Model) or not _CONVOLUTIONS:
         return True

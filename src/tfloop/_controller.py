@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from time import perf_counter
 from typing import Any
 
 import tensorflow as tf
@@ -326,12 +327,15 @@ class Controller:
         if not resumed:
             hooks.reset_metrics()
         self.info.epoch = self.epoch
+        self.info.input_seconds = 0.0
         self.callbacks.on_epoch_start(self.epoch, {})
         step_logs: dict[str, float] = {}
         ran, complete = 0, True
         while steps_per_epoch is None or self.batch < steps_per_epoch:
+            waiting = perf_counter()  # the stream pulls from the iterator when it needs to
             chunk = stream.next_chunk(self._chunk_limit())
             if chunk is None:
+                self.info.input_seconds += perf_counter() - waiting
                 if steps_per_epoch is not None:
                     logger.warning(
                         "tfloop: data ran out after %d of steps_per_epoch=%d batches in epoch "
@@ -348,6 +352,7 @@ class Controller:
             epoch_over = self.batch == steps_per_epoch or (
                 steps_per_epoch is None and not stream.has_next()
             )
+            self.info.input_seconds += perf_counter() - waiting
             # The step that ends the epoch also ends its accumulation window, however partial.
             flush_at = stop - 1 if epoch_over else -1
             per_worker = plan.source.per_worker

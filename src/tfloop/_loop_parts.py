@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from tfloop import _distribute
 from tfloop._autograph import user_code
+from tfloop.data._mixed import MixedSteps
 from tfloop.errors import ConfigError
 
 __all__ = ["Kind", "LoopSpec", "StepRunner", "UpdateWindow", "eager_predict", "zeros"]
@@ -65,8 +66,21 @@ class LoopSpec:
 
 
 def step_batch(data: Nested, i: tf.Tensor) -> Nested:
-    """Step ``i`` of a superbatch."""
+    """Step ``i`` of a (plain) superbatch."""
     return tf.nest.map_structure(lambda t: t[i], data)
+
+
+def batch_spec(data: Nested) -> Nested:
+    """The spec of one batch of a superbatch (of its first shape, for MixedSteps)."""
+    if isinstance(data, MixedSteps):
+        return tf.nest.pack_sequence_as(
+            data.data,
+            [
+                tf.TensorSpec(shape, leaf.dtype)
+                for leaf, shape in zip(tf.nest.flatten(data.data), data.shapes[0], strict=True)
+            ],
+        )
+    return tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape[1:], t.dtype), data)
 
 
 def specs(outputs: Nested, what: str = "the step") -> Nested | None:
@@ -105,20 +119,34 @@ def zeros(spec: Nested | None, what: str) -> Nested:
     return tf.nest.map_structure(zeros, spec)
 
 
+class Staging(Protocol):
+    """The part of an ``UpdateWindow`` a staged step uses."""
+
+    def stage(self, state: Any) -> None: ...
+
+    def unstage(self) -> Any: ...
+
+
 class StepRunner:
-    """Runs step ``i`` of a superbatch: directly, or on every replica of a strategy.
+    """Runs step ``i`` of a superbatch: directly, by shape, or on every replica of a strategy.
 
     ``output_spec(data)`` traces the step once (nothing runs) to find the structure it
     returns, inside the traced loop: each new superbatch shape sees its own batch shape.
+    A :class:`~tfloop.data._mixed.MixedSteps` superbatch of batches of several shapes is
+    dispatched by ``MixedSteps.dispatch`` to code that sees the step at its own static shape;
+    it only comes without a strategy (the loop runs it by runs of one shape otherwise).
     """
 
-    def __init__(self, spec: LoopSpec, jit: bool) -> None:
+    def __init__(self, spec: LoopSpec, jit: bool, shapes: Any = None) -> None:
         self.spec = spec
         self.strategy = spec.strategy
+        self.shapes = shapes
         step = spec.step
 
         def replica_step(data: Nested, i: tf.Tensor) -> Any:
             # A subclass's step is user code: AutoGraph converts it (see _autograph.py).
+            if isinstance(data, MixedSteps):
+                return data.dispatch(i, user_code(step))
             return user_code(step)(step_batch(data, i))
 
         # Without a strategy the whole loop is one XLA program; under one, each replica's step.
@@ -128,6 +156,16 @@ class StepRunner:
             else replica_step
         )
 
+    def superbatch(self, data: Nested) -> Nested:
+        """What the loop's function was called with, as the superbatch to run: ``data``, or
+        with ``shapes`` (a function for MixedSteps of those shapes) ``(data, which)`` as
+        MixedSteps (a function's arguments are tensors, so the shapes come with the function).
+        """
+        if self.shapes is None:
+            return data
+        stack, which = data
+        return MixedSteps(stack, which, self.shapes)
+
     def output_spec(self, data: Nested) -> Nested | None:
         strategy = self.strategy
 
@@ -135,7 +173,7 @@ class StepRunner:
             return user_code(self.spec.step)(batch)
 
         if strategy is None:
-            batch = tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape[1:], t.dtype), data)
+            batch = batch_spec(data)
             concrete = tf.function(step).get_concrete_function(batch)
             return specs(concrete.structured_outputs, f"{self.spec.kind}_step")
 
@@ -145,7 +183,7 @@ class StepRunner:
             return _distribute.first_local(strategy, strategy.run(step, args=(batch,)))
 
         local = _distribute.first_local(strategy, data)
-        batch = tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape[1:], t.dtype), local)
+        batch = batch_spec(local)
         concrete = tf.function(one_replica).get_concrete_function(batch)
         return specs(concrete.structured_outputs, f"{self.spec.kind}_step")
 
@@ -178,6 +216,30 @@ class StepRunner:
         return tf.nest.map_structure(
             lambda v: strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None), outputs
         )
+
+    def run_staged(self, data: Nested, i: tf.Tensor, window: Staging, state: Any) -> Any:
+        """Step ``i`` with ``state`` staged in ``window``: ``(outputs, state after it)``.
+
+        For MixedSteps the staging happens inside the code run for each shape: the state the
+        step leaves is a value there, and must leave it as one of that code's outputs.
+        """
+        if not isinstance(data, MixedSteps):
+            window.stage(state)
+            outputs = self.run(data, i)
+            return outputs, window.unstage()
+        step = user_code(self.spec.step)
+        nothing: list[bool] = []
+
+        def staged(batch: Nested) -> Any:
+            window.stage(state)
+            outputs = step(batch)
+            if outputs is None:
+                nothing.append(True)
+                outputs = tf.constant(0)
+            return outputs, window.unstage()
+
+        outputs, state = data.dispatch(i, staged)
+        return (None if nothing else outputs), state
 
     def predict(self, data: Nested, i: tf.Tensor) -> Any:
         """Step ``i``'s outputs; under a strategy, every replica's, concatenated in the order

@@ -35,6 +35,7 @@ import tensorflow as tf
 from tfloop import _distribute
 from tfloop._loop_parts import Kind, LoopSpec, StepRunner, UpdateWindow, eager_predict, zeros
 from tfloop._validate import first_line
+from tfloop.data._mixed import MixedSteps
 from tfloop.errors import ConfigError, TfloopError, WorkerError
 
 __all__ = ["UNROLL_MAX", "CompiledLoop", "Kind", "LoopSpec", "UpdateWindow"]
@@ -78,7 +79,8 @@ class CompiledLoop:
         self.spec = spec if strategy is spec.strategy else dataclasses.replace(spec, strategy=None)
         self.jit = spec.jit
         self._function: Any = None
-        self._concrete: dict[Any, Any] = {}  # the function's traces, by flat input shapes
+        self._mixed: dict[Any, Any] = {}  # a function per tuple of shapes (MixedSteps)
+        self._concrete: dict[Any, Any] = {}  # the functions' traces, by flat input shapes
 
     @property
     def kind(self) -> Kind:
@@ -107,9 +109,18 @@ class CompiledLoop:
                 raise
             raise original from None
 
+    @property
+    def dispatches_shapes(self) -> bool:
+        """Whether a MixedSteps superbatch runs as one execution (else by runs of one shape):
+        without a strategy (its split is along the batch axis), compiled, and not for
+        predict (whose outputs differ in shape with the batch)."""
+        return self.spec.strategy is None and not self.spec.eager and self.kind != "predict"
+
     def _run(
         self, superbatch: Nested, start: int, stop: int, *extra: int, per_worker: bool = False
     ) -> Any:
+        if isinstance(superbatch, MixedSteps) and not self.dispatches_shapes:
+            return self._run_by_runs(superbatch, start, stop, *extra, per_worker=per_worker)
         if self._function is None:
             self._function = _build(self.spec, self.jit)
         bounds = (tf.constant(start, tf.int32), tf.constant(stop, tf.int32))
@@ -159,8 +170,21 @@ class CompiledLoop:
             )
             self.jit = False
             self._function = _build(self.spec, self.jit)
+            self._mixed.clear()
             self._concrete.clear()
             return self._call(superbatch, *bounds, *extras)
+
+    def _run_by_runs(
+        self, superbatch: MixedSteps, start: int, stop: int, *extra: int, per_worker: bool
+    ) -> Any:
+        """Steps ``start..stop-1`` of ``superbatch``, one execution per run of one shape (each
+        run padded to K steps, so runs of a shape share a trace); ``flush_at`` (training)
+        moves with its run. Returns what the last execution returned."""
+        result = None
+        for first, end, run in superbatch.runs(start, stop, padded=True):
+            shifted = tuple(e - first if first <= e < end else -1 for e in extra)
+            result = self._run(run, 0, end - first, *shifted, per_worker=per_worker)
+        return result
 
     def _call(self, superbatch: Nested, *args: tf.Tensor) -> Any:
         """Calls the function's trace for this superbatch's shapes directly.
@@ -169,12 +193,20 @@ class CompiledLoop:
         traces) cost about half of tfloop's ~1 ms of host time per execution; a trace looked up
         by the shapes and dtypes of the flat inputs, and called with them, skips it.
         """
-        flat = tf.nest.flatten(superbatch)
-        structure = repr(tf.nest.map_structure(lambda _: None, superbatch))
-        key = (structure, len(args), *((t.dtype, tuple(t.shape)) for t in flat))
+        shapes = None
+        function, inputs = self._function, (superbatch,)
+        if isinstance(superbatch, MixedSteps):
+            shapes = superbatch.shapes
+            function = self._mixed.get(shapes)
+            if function is None:
+                function = self._mixed[shapes] = _build(self.spec, self.jit, shapes)
+            inputs = ((superbatch.data, superbatch.which),)
+        flat = tf.nest.flatten(inputs)
+        structure = repr(tf.nest.map_structure(lambda _: None, inputs))
+        key = (shapes, structure, len(args), *((t.dtype, tuple(t.shape)) for t in flat))
         concrete = self._concrete.get(key)
         if concrete is None:
-            concrete = self._function.get_concrete_function(superbatch, *args)
+            concrete = function.get_concrete_function(*inputs, *args)
             self._concrete[key] = concrete
         return concrete._call_flat([*flat, *args], concrete.captured_inputs)
 
@@ -182,7 +214,7 @@ class CompiledLoop:
         """Runs a predict loop over ``(superbatch, start, stop)`` chunks; returns the outputs
         of every step run, concatenated along the batch axis, as NumPy."""
         outputs: list[Any] = []
-        for data, start, stop in chunks:
+        for data, start, stop in _plain_chunks(chunks):
             stacked = self(data, start, stop)
             outputs.append(
                 tf.nest.map_structure(
@@ -194,10 +226,24 @@ class CompiledLoop:
 
     @property
     def tracing_count(self) -> int:
-        """How many times the function was traced (one per distinct superbatch shape)."""
+        """How many times the functions were traced: one per distinct superbatch shape, and
+        one per tuple of batch shapes a MixedSteps superbatch dispatches over."""
         if self._function is None or self.spec.eager:
             return 0
-        return int(self._function.experimental_get_tracing_count())
+        functions = [self._function, *self._mixed.values()]
+        return sum(int(f.experimental_get_tracing_count()) for f in functions)
+
+
+def _plain_chunks(
+    chunks: Iterable[tuple[Nested, int, int]],
+) -> Iterable[tuple[Nested, int, int]]:
+    """``chunks`` with each MixedSteps chunk replaced by its runs of one shape."""
+    for data, start, stop in chunks:
+        if isinstance(data, MixedSteps):
+            for first, end, run in data.runs(start, stop, padded=True):
+                yield run, 0, end - first
+        else:
+            yield data, start, stop
 
 
 def _tfloop_error(error: BaseException) -> TfloopError | None:
@@ -233,10 +279,12 @@ def _cannot_compile(error: BaseException) -> bool:
 # compile-time constant and compile again for every new chunk length.
 
 
-def _build(spec: LoopSpec, jit: bool) -> Any:
+def _build(spec: LoopSpec, jit: bool, shapes: Any = None) -> Any:
+    """The loop's function; with ``shapes``, the one that takes a MixedSteps of those batch
+    shapes as ``(data, which, ...)``."""
     if spec.eager:
         jit = False
-    runner = StepRunner(spec, jit)
+    runner = StepRunner(spec, jit, shapes)
     loop_jit = jit and spec.strategy is None
     if spec.kind == "predict":
         body = _predict_body(runner)
@@ -261,6 +309,7 @@ def _steps_body(runner: StepRunner, spec: LoopSpec) -> Callable[..., Any]:
     what = f"{spec.kind}_step"
 
     def run_steps(data: Nested, start: tf.Tensor, stop: tf.Tensor, *flush: tf.Tensor) -> Any:
+        data = runner.superbatch(data)
         logs_spec = runner.logs_spec(data)
         step_logs = zeros(logs_spec, what)
         i = start
@@ -293,12 +342,15 @@ def _windowed_body(runner: StepRunner, spec: LoopSpec, jit: bool) -> Callable[..
     unrolls = jit and spec.unroll and steps <= UNROLL_MAX
 
     def run_steps(data: Nested, start: tf.Tensor, stop: tf.Tensor, flush_at: tf.Tensor) -> Any:
+        data = runner.superbatch(data)
         logs_spec = runner.logs_spec(data)
         step_logs = zeros(logs_spec, "train_step")
         state = window.empty_state() if spec.fresh_window else window.read_state()
+        # A MixedSteps step runs in a switch branch, which cannot be unrolled into a block.
+        unrolled = unrolls and not isinstance(data, MixedSteps)
         i = start
         while i < stop:
-            if unrolls:
+            if unrolled:
                 # Whole windows: the window is empty and its k micro-batches are all here.
                 while window.count(state) == 0 and i + steps <= stop:
                     window.stage(state)
@@ -309,9 +361,7 @@ def _windowed_body(runner: StepRunner, spec: LoopSpec, jit: bool) -> Callable[..
                     i += steps
             # The micro-batches of one window (fewer if the chunk ends first).
             while i < stop and window.count(state) < steps:
-                window.stage(state)
-                outputs = runner.run(data, i)
-                state = window.unstage()
+                outputs, state = runner.run_staged(data, i, window, state)
                 if runner.keeps(logs_spec, outputs):
                     step_logs = outputs
                 i += 1

@@ -30,6 +30,9 @@ class RunInfo:
         step_validation: ``True`` during a validation pass of ``validation_every_n_steps``
             (from its ``on_eval_start`` to its ``on_eval_end``, whose logs then hold ``step``).
         max_steps: ``fit(max_steps=...)`` (updates in total), or ``None``.
+        input_seconds: seconds the current epoch's training has spent waiting for its input
+            so far: pulling batches from the iterator and stacking them, between compiled
+            executions (0 at each epoch start). Near the epoch's time, the loop is input-bound.
     """
 
     in_fit: bool = False
@@ -40,6 +43,7 @@ class RunInfo:
     validation_every_n_steps: int | None = None
     step_validation: bool = False
     max_steps: int | None = None
+    input_seconds: float = 0.0
 
 
 class TrainerView(Protocol):

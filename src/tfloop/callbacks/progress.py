@@ -15,11 +15,15 @@ __all__ = ["ProgressBar"]
 
 
 class ProgressBar(Callback):
-    """Shows training progress: rate, ETA and metrics.
+    """Shows training progress: rate, ETA, the share of time spent waiting for input, metrics.
 
     On a terminal it draws a tqdm bar updated once per compiled execution. When the output is
     not a terminal (CI, a log file) it writes plain lines with no control codes: one every
     ``interval`` seconds during an epoch, and one at the end of each epoch.
+
+    ``input wait`` is the share of the epoch's time so far that the loop waited for its input
+    (``RunInfo.input_seconds``): near 100% the loop is input-bound (see the ``Throughput``
+    callback for what helps).
 
     ``fit(verbose=1)`` (the default) adds one; ``verbose=0`` turns it off.
 
@@ -49,6 +53,11 @@ class ProgressBar(Callback):
     def _steps(self) -> int | None:
         return self.trainer.run_info.steps_per_epoch if self.trainer else None
 
+    def _input_wait(self, elapsed: float) -> str:
+        run_info = getattr(self.trainer, "run_info", None)
+        seconds = float(getattr(run_info, "input_seconds", 0.0))
+        return f"input wait {min(100.0, 100.0 * seconds / max(elapsed, 1e-9)):.0f}%"
+
     def on_fit_start(self, logs: Logs) -> None:
         self._epochs = self.trainer.run_info.epochs if self.trainer else None
 
@@ -63,27 +72,32 @@ class ProgressBar(Callback):
             )
 
     def on_train_batch_end(self, batch: int, logs: Logs) -> None:
+        now = time.perf_counter()
         if self._bar is not None:
             self._bar.update(batch + 1 - self._bar.n)
-            self._bar.set_postfix_str(format_logs(logs), refresh=False)
+            postfix = f"{self._input_wait(now - self._start)} - {format_logs(logs)}"
+            self._bar.set_postfix_str(postfix, refresh=False)
             return
-        now = time.perf_counter()
         if now - self._last_line >= self.interval:
             self._last_line = now
             total = self._steps()
             where = f"{batch + 1}/{total}" if total else f"{batch + 1}"
             rate = (batch + 1) / max(now - self._start, 1e-9)
-            self._write(f"{self._label} - step {where} - {rate:.0f} steps/s - {format_logs(logs)}")
+            wait = self._input_wait(now - self._start)
+            self._write(
+                f"{self._label} - step {where} - {rate:.0f} steps/s - {wait} - {format_logs(logs)}"
+            )
 
     def on_epoch_end(self, epoch: int, logs: Logs) -> None:
         elapsed = time.perf_counter() - self._start
+        wait = self._input_wait(elapsed)
         if self._bar is not None:
-            self._bar.set_postfix_str(format_logs(logs), refresh=True)
+            self._bar.set_postfix_str(f"{wait} - {format_logs(logs)}", refresh=True)
             self._bar.close()
             self._bar = None
             return
         label = getattr(self, "_label", f"epoch {epoch + 1}")
-        self._write(f"{label} - {elapsed:.1f}s - {format_logs(logs)}")
+        self._write(f"{label} - {elapsed:.1f}s - {wait} - {format_logs(logs)}")
 
     def on_eval_end(self, logs: Logs) -> None:
         info = None if self.trainer is None else self.trainer.run_info

@@ -8,7 +8,9 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from tfloop.data._mixed import MixedSteps
 from tfloop.data._source import DataSource, Piece, StepStream, pad_steps
+from tfloop.data._stacking import ShapeStacker, with_step_sizes
 from tfloop.errors import DataError
 
 __all__ = ["DatasetSource", "check_element_spec", "superbatches"]
@@ -45,6 +47,8 @@ class DatasetSource(DataSource):
         self.bytes_per_batch = bytes_per_example * (self.batch_size or DEFAULT_BATCH_SIZE)
         # Per-worker input: makes every worker cut its superbatches alike (data/_lockstep.py).
         self.synchronize: Callable[[Iterator[list[Piece]]], Iterator[list[Piece]]] | None = None
+        self._stacker = ShapeStacker(dataset.element_spec)  # lasts across epochs, as traces do
+        self._stacks_by_k: dict[int, tf.data.Dataset] = {}
 
     def example_batch(self) -> Nested:
         return tf.nest.map_structure(
@@ -66,12 +70,28 @@ class DatasetSource(DataSource):
         """Records the seed that restoring an iterator's state draws."""
         self._iterators_made += 1
 
+    def _stacks(self, k: int) -> tf.data.Dataset:
+        """The padded stacks of ``k`` batches and their sizes; made once per ``k`` (building
+        the dataset traces its map function)."""
+        stacks = self._stacks_by_k.get(k)
+        if stacks is None:
+            stacks = with_step_sizes(self.dataset).padded_batch(k).prefetch(2)
+            self._stacks_by_k[k] = stacks
+        return stacks
+
     def stream(self, epoch: int, start_step: int = 0) -> StepStream:
         k = self.steps_per_execution
         self._iterators_made += 1
-        iterator, groups = superbatches(self.dataset, k, self.uniform)
+        if self.uniform:
+            iterator, groups = superbatches(self.dataset, k, uniform=True)
+        else:
+            # Batches may differ in shape (the last, partial batch; bucketed sequence lengths):
+            # stacked padded, with each step's sizes; see _stacking.py.
+            stacker = self._stacker
+            iterator = iter(self._stacks(k))
+            groups = (stacker.pieces(data, sizes, k) for data, sizes in iterator)
         if self.synchronize is not None:
-            groups = self.synchronize(groups)
+            groups = self.synchronize(plain_runs(groups, k))
         stream = StepStream(groups, k, iterator)
         stream.seeds_at_creation = self._iterators_made
         if start_step:
@@ -102,44 +122,29 @@ def check_element_spec(spec: Nested, argument: str) -> None:
 
 
 def superbatches(
-    dataset: tf.data.Dataset, k: int, uniform: bool
+    dataset: tf.data.Dataset, k: int, uniform: bool, stacker: ShapeStacker | None = None
 ) -> tuple[Any, Iterator[list[Piece]]]:
     """A new iterator over ``dataset`` stacked ``k`` batches at a time, and the pieces cut from
-    each of its elements (``uniform``: every batch has the same, static shape)."""
+    each of its elements (``uniform``: every batch has the same, static shape). Batches of
+    several shapes are stacked padded, with each step's sizes, and cut by ``stacker`` (which
+    keeps what it has seen across calls: see _stacking.py)."""
     if uniform:
         iterator = iter(dataset.batch(k).prefetch(2))
         return iterator, ([pad_steps(data, k)] for data in iterator)
-
-    # Batches may differ in shape (the last, partial batch; bucketed sequence lengths). Stack
-    # them padded, with each step's true shapes, and cut runs of equal shape back out on the
-    # host: once per superbatch, not per step.
-    def with_shapes(*element: Any) -> Any:
-        element = element[0] if len(element) == 1 else element
-        shapes = tuple(tf.shape(t) for t in tf.nest.flatten(element))
-        return element, shapes
-
-    iterator = iter(dataset.map(with_shapes).padded_batch(k).prefetch(2))
-    return iterator, (split_runs(data, shapes, k) for data, shapes in iterator)
+    stacker = stacker if stacker is not None else ShapeStacker(dataset.element_spec)
+    iterator = iter(with_step_sizes(dataset).padded_batch(k).prefetch(2))
+    return iterator, (stacker.pieces(data, sizes, k) for data, sizes in iterator)
 
 
-def split_runs(data: Nested, shapes: Any, k: int) -> list[Piece]:
-    rows = np.concatenate([s.numpy() for s in shapes], axis=1)  # one row of shapes per step
-    pieces = []
-    start = 0
-    while start < len(rows):
-        stop = start + 1
-        while stop < len(rows) and np.array_equal(rows[stop], rows[start]):
-            stop += 1
-        run = slice_run(data, start, stop, [s[start].numpy() for s in shapes])
-        pieces.append(pad_steps(run, k))
-        start = stop
-    return pieces
-
-
-def slice_run(data: Nested, start: int, stop: int, shapes: list[np.ndarray]) -> Nested:
-    leaves = tf.nest.flatten(data)
-    cut = [
-        leaf[start:stop][tuple([slice(None)] + [slice(0, int(d)) for d in shape])]
-        for leaf, shape in zip(leaves, shapes, strict=False)
-    ]
-    return tf.nest.pack_sequence_as(data, cut)
+def plain_runs(groups: Iterator[list[Piece]], k: int) -> Iterator[list[Piece]]:
+    """``groups`` with each superbatch of several shapes cut into runs of one shape (for the
+    paths that compare or split runs on the host: workers in lockstep)."""
+    for pieces in groups:
+        plain: list[Piece] = []
+        for piece in pieces:
+            if isinstance(piece.data, MixedSteps):
+                runs = piece.data.runs(0, piece.steps)
+                plain.extend(pad_steps(run, k) for _, _, run in runs)
+            else:
+                plain.append(piece)
+        yield plain

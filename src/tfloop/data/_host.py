@@ -23,6 +23,7 @@ from keras.src.trainers.data_adapters import data_adapter_utils
 
 from tfloop.data._datasets import check_element_spec, superbatches
 from tfloop.data._source import DataSource, StepStream, unpack_batch
+from tfloop.data._stacking import ShapeStacker
 from tfloop.data._weights import check_single_output, class_weight_to_sample_weights
 from tfloop.errors import ConfigError, DataError
 
@@ -51,6 +52,7 @@ class HostSource(DataSource):
         prepared = [self.prepare(batch) for batch in first_batches]
         self.spec = data_adapter_utils.get_tensor_spec(prepared)
         check_element_spec(self.spec, argument)
+        self._stacker = ShapeStacker(self.spec)  # lasts across epochs, as traces do
         self.batch_size = None  # batches may differ (a partial last one)
         self.bytes_per_batch = sum(leaf.nbytes for leaf in tf.nest.flatten(prepared[0]))
 
@@ -92,7 +94,9 @@ class HostSource(DataSource):
                 yield prepare(batch)
 
         dataset = tf.data.Dataset.from_generator(generate, output_signature=self.spec)
-        _, groups = superbatches(dataset, self.steps_per_execution, uniform=False)
+        _, groups = superbatches(
+            dataset, self.steps_per_execution, uniform=False, stacker=self._stacker
+        )
         # No iterator: its state holds a Python function call and cannot be saved.
         return StepStream(groups, self.steps_per_execution)
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
 import tensorflow as tf
 
+from tfloop.data._mixed import MixedSteps
+from tfloop.data._reaper import release_later
 from tfloop.errors import DataError
 
 __all__ = [
@@ -84,7 +87,8 @@ def shuffled_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> tf.Te
 
 @dataclasses.dataclass(frozen=True)
 class Piece:
-    """A superbatch: nested tensors shaped ``[K, batch, ...]``, of which ``steps`` are real."""
+    """A superbatch: nested tensors shaped ``[K, batch, ...]``, of which ``steps`` are real;
+    or a :class:`~tfloop.data._mixed.MixedSteps` when its batches differ in shape."""
 
     data: Nested
     steps: int
@@ -136,6 +140,11 @@ class StepStream:
         self.exhausted = False
         self.seeds_at_creation = 0  # shuffle seeds drawn from the dataset once it was made
 
+    def __del__(self) -> None:
+        # The iterator goes last on another thread: released here, it could stall training.
+        with contextlib.suppress(Exception):  # at interpreter exit: nothing left to protect
+            release_later(self.iterator, self._groups)
+
     def _current(self) -> Piece | None:
         while not self._queue or self._offset >= self._queue[0].steps:
             if self._queue:
@@ -158,6 +167,8 @@ class StepStream:
         piece = self._current()
         if piece is None:
             return None
+        if isinstance(piece.data, MixedSteps):
+            return piece.data.step(self._offset)
         return tf.nest.map_structure(lambda t: t[self._offset], piece.data)
 
     def first_batch(self) -> Nested:
@@ -192,10 +203,14 @@ class StepStream:
         A checkpoint saves them next to the iterator state, so a resume continues at exactly
         the next step even when a save lands in the middle of a superbatch.
         """
-        runs = []
+        runs: list[Nested] = []
         for index, piece in enumerate(self._queue):
             first = self._offset if index == 0 else 0
-            if first < piece.steps:
+            if first >= piece.steps:
+                continue
+            if isinstance(piece.data, MixedSteps):
+                runs.extend(run for _, _, run in piece.data.runs(first, piece.steps))
+            else:
                 runs.append(tf.nest.map_structure(lambda t: t[first : piece.steps], piece.data))  # noqa: B023
         return runs
 
