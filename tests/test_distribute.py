@@ -276,7 +276,8 @@ def _finish(workers: list[subprocess.Popen], timeout: float) -> list[tuple[int, 
         except subprocess.TimeoutExpired:
             for other in workers:
                 other.kill()
-            pytest.fail(f"a worker did not finish within {timeout} s (hang)")
+            output, _ = worker.communicate()
+            pytest.fail(f"a worker did not finish within {timeout} s (hang):\n{output[-3000:]}")
         results.append((worker.returncode, output))
     return results
 

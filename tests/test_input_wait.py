@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import io
 import itertools
+import os
+import subprocess
+import sys
 
 import pytest
 import tensorflow as tf
@@ -81,3 +84,19 @@ def test_the_progress_line_shows_the_input_wait(monkeypatch):
     trainer.fit(make_data(40), epochs=1, batch_size=8, verbose=0)
     lines = out.getvalue().splitlines()
     assert lines and all("input wait " in line and "%" in line for line in lines)
+
+
+def test_a_stream_dropped_at_interpreter_exit_does_not_hang_the_exit():
+    # A stream still referenced when the process ends (by the traceback of the error that
+    # ends it, say) is released at exit; a release thread started then never runs.
+    code = (
+        "import tensorflow as tf\n"
+        "from tfloop.data._source import StepStream\n"
+        "dataset = tf.data.Dataset.range(4).batch(2)\n"
+        "iterator = iter(dataset)\n"
+        "kept = StepStream(iter([]), 2, iterator)\n"
+        "raise SystemExit(7)\n"
+    )
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, timeout=60, check=False)
+    assert done.returncode == 7

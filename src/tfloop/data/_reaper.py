@@ -10,7 +10,9 @@ iterator here, and the next epoch starts at once.
 
 from __future__ import annotations
 
+import atexit
 import queue
+import sys
 import threading
 from typing import Any
 
@@ -20,11 +22,24 @@ IDLE_SECONDS = 1.0
 _pending: queue.Queue[Any] = queue.Queue()
 _lock = threading.Lock()
 _alive = False
+_exiting = False
+
+
+@atexit.register
+def _at_exit() -> None:
+    global _exiting
+    _exiting = True
 
 
 def release_later(*objects: Any) -> None:
-    """Drops ``objects`` on the background thread (started when needed, ended when idle)."""
+    """Drops ``objects`` on the background thread (started when needed, ended when idle).
+
+    At interpreter exit they are dropped here: a thread started then never runs, and
+    ``Thread.start`` would wait for it forever (a process ending on an error hung so).
+    """
     global _alive
+    if _exiting or sys.is_finalizing():
+        return
     with _lock:
         _pending.put(objects)
         if not _alive:
