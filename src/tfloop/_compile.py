@@ -192,7 +192,8 @@ class KerasLossAndMetrics:
 
 
 def _hide_batch_dimension(y_pred: Nested) -> Nested:
-    if tf.executing_eagerly():
+    # One output has no per-output loss tracker: nothing to hide (and static shapes are kept).
+    if tf.executing_eagerly() or len(tf.nest.flatten(y_pred)) < 2:
         return y_pred
 
     def hide(t: Any) -> Any:
