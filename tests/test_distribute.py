@@ -10,7 +10,6 @@ import functools
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from _cluster import free_ports
 from conftest import assert_weights_equal, make_data, make_model, weights_of
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
@@ -234,20 +234,10 @@ def test_strategy_errors_name_the_fix():
 # --------------------------------------------------------------------------- multi-worker
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def _start_workers(
     tmp_path: Path, die_at: int = -1, checkpoints: Path | None = None
 ) -> list[subprocess.Popen]:
-    ports = ",".join(str(p) for p in _free_ports(2))
+    ports = ",".join(str(p) for p in free_ports(2))
     # The tests' directory first, then the caller's path (a source tree under test, say).
     path = os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": path}
