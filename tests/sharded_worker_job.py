@@ -24,6 +24,7 @@ import sys
 from typing import Any
 
 import numpy as np
+from _job import exit_at_step
 from conftest import make_data, make_model  # before TensorFlow sets up its devices
 
 BATCH, EPOCHS, ACCUMULATE, K = 8, 2, 2, 2
@@ -120,16 +121,7 @@ def fit(strategy: Any, data: Any, *, checkpoints: str = "", die_at: int = -1) ->
 
     import tfloop
 
-    class Record(tfloop.Callback):
-        first_step = -1  # the update count fit started from (after a restore)
-
-        def on_fit_start(self, logs: Any = None) -> None:
-            assert self.trainer is not None
-            Record.first_step = int(self.trainer.optimizer.iterations.numpy())
-
-        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-            if 0 <= die_at <= logs["step"]:
-                os._exit(3)
+    record = exit_at_step(die_at)
 
     scope = strategy.scope() if strategy is not None else tf.distribute.get_strategy().scope()
     with scope:
@@ -144,7 +136,7 @@ def fit(strategy: Any, data: Any, *, checkpoints: str = "", die_at: int = -1) ->
         jit_compile=False,
         strategy=strategy,
         seed=0,
-        callbacks=[Record()],
+        callbacks=[record],
         checkpoint=tfloop.Checkpointer(checkpoints, every_n_steps=2) if checkpoints else None,
     )
     history = trainer.fit(data, epochs=EPOCHS, verbose=0)
@@ -152,7 +144,7 @@ def fit(strategy: Any, data: Any, *, checkpoints: str = "", die_at: int = -1) ->
         "weights": [np.asarray(w).tolist() for w in trainer.model.get_weights()],
         "loss": history.history["loss"],
         "iterations": int(trainer.optimizer.iterations.numpy()),
-        "first_step": Record.first_step,
+        "first_step": record.first_step,
     }
 
 

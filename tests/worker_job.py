@@ -15,6 +15,7 @@ import sys
 from typing import Any
 
 import numpy as np
+from _job import exit_at_step
 from conftest import make_data, make_model  # before TensorFlow sets up its devices
 
 SAMPLES, BATCH, EPOCHS, ACCUMULATE = 53, 8, 2, 2
@@ -29,16 +30,7 @@ def _fit(strategy: Any, die_at: int = -1, epochs: int = EPOCHS, checkpoints: str
 
     import tfloop
 
-    class Die(tfloop.Callback):
-        first_step = -1  # the update count fit started from (after a restore)
-
-        def on_fit_start(self, logs: Any = None) -> None:
-            assert self.trainer is not None
-            Die.first_step = int(self.trainer.optimizer.iterations.numpy())
-
-        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-            if 0 <= die_at <= logs["step"]:
-                os._exit(3)
+    record = exit_at_step(die_at)
 
     scope = strategy.scope() if strategy is not None else tf.distribute.get_strategy().scope()
     with scope:
@@ -53,12 +45,12 @@ def _fit(strategy: Any, die_at: int = -1, epochs: int = EPOCHS, checkpoints: str
         jit_compile=False,
         strategy=strategy,
         seed=0,
-        callbacks=[Die()],
+        callbacks=[record],
         checkpoint=tfloop.Checkpointer(checkpoints, every_n_steps=2) if checkpoints else None,
     )
     x, y = _data()
     history = trainer.fit((x, y), epochs=epochs, batch_size=BATCH, verbose=0)
-    trainer.first_step = Die.first_step
+    trainer.first_step = record.first_step
     return trainer, history, x
 
 
