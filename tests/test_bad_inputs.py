@@ -120,15 +120,23 @@ def test_targets_wider_than_the_output_are_not_silently_broadcast():
     assert_untouched(trainer, before)
 
 
-def test_an_out_of_range_sparse_label_anywhere_in_the_arrays_is_named_before_training():
+@pytest.mark.parametrize(
+    ("position", "shuffle"),
+    [(3, False), (50, False), (50, True)],  # in the first batch, far from it, anywhere
+)
+def test_an_out_of_range_sparse_label_anywhere_in_the_arrays_is_named_before_training(
+    position, shuffle
+):
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4)])
     trainer = tfloop.Trainer(model, "sgd", "sparse_categorical_crossentropy", jit_compile=True)
     labels = np.arange(64) % 4
-    labels[50] = 7  # far from the first batch
+    labels[position] = 7
     before = weights_of(model)
     with pytest.raises(DataError, match=r"\[0, 4\).*holds 7"):
-        trainer.fit(np.ones((64, 3), "float32"), labels, batch_size=8, verbose=0)
+        trainer.fit(
+            np.ones((64, 3), "float32"), labels, batch_size=8, shuffle=shuffle, verbose=0
+        )
     assert_untouched(trainer, before)
 
 

@@ -83,6 +83,7 @@ class DryRun:
                 y_pred = check_model_accepts(self.predict_step, batch, model, argument)
                 self.outputs = tf.nest.map_structure(tf.TensorSpec.from_tensor, y_pred)
                 check_target_shapes(y, y_pred, argument)
+                check_sparse_labels(y, y_pred, argument)
                 compiled.build(y, y_pred)
             if y is None and not overrides_loss and checks_loss:
                 raise DataError(
