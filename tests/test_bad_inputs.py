@@ -134,9 +134,7 @@ def test_an_out_of_range_sparse_label_anywhere_in_the_arrays_is_named_before_tra
     labels[position] = 7
     before = weights_of(model)
     with pytest.raises(DataError, match=r"\[0, 4\).*holds 7"):
-        trainer.fit(
-            np.ones((64, 3), "float32"), labels, batch_size=8, shuffle=shuffle, verbose=0
-        )
+        trainer.fit(np.ones((64, 3), "float32"), labels, batch_size=8, shuffle=shuffle, verbose=0)
     assert_untouched(trainer, before)
 
 
