@@ -293,6 +293,16 @@ def test_multi_worker_mirrored_equals_single_device(tmp_path):
         )
         logs = json.loads(str(saved["history"]))
         np.testing.assert_allclose(logs["loss"], single["history"]["loss"], rtol=1e-5)
+    # Both workers named the same log files and export: each was written once, by the chief.
+    lines = (tmp_path / "run.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [(r["event"], r["epoch"]) for r in records] == [("epoch", 0), ("epoch", 1)]
+    losses = [r["loss"] for r in records]
+    np.testing.assert_allclose(losses, single["history"]["loss"], rtol=1e-5)
+    rows = (tmp_path / "run.csv").read_text().splitlines()
+    assert rows[0].startswith("epoch,") and [r.split(",")[0] for r in rows[1:]] == ["0", "1"]
+    exported = keras.models.load_model(tmp_path / "best.keras")
+    assert_weights_equal(exported.get_weights(), single["weights"], rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.slow

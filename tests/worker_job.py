@@ -2,7 +2,8 @@
 
 Usage: ``python worker_job.py INDEX PORT0,PORT1 OUT_DIR [DIE_AT_STEP]``. Trains the model of
 ``train_single`` under the strategy and saves weights, predictions and history to
-``OUT_DIR/worker-INDEX.npz``; with ``DIE_AT_STEP`` the process exits (code 3) at that update.
+``OUT_DIR/worker-INDEX.npz``, logging to ``OUT_DIR/run.jsonl`` and ``run.csv`` and exporting
+the best model to ``OUT_DIR/best.keras`` (the same paths on both workers); with ``DIE_AT_STEP`` the process exits (code 3) at that update.
 With ``TFLOOP_TEST_CHECKPOINTS`` set to a directory (``{index}`` in it is the worker's index), it
 checkpoints there every 2 updates and resumes from it.
 """
@@ -25,12 +26,24 @@ def _data() -> tuple[np.ndarray, np.ndarray]:
     return make_data(SAMPLES)
 
 
-def _fit(strategy: Any, die_at: int = -1, epochs: int = EPOCHS, checkpoints: str = "") -> Any:
+def _fit(
+    strategy: Any, die_at: int = -1, epochs: int = EPOCHS, checkpoints: str = "", logs: str = ""
+) -> Any:
     import tensorflow as tf
 
     import tfloop
 
     record = exit_at_step(die_at)
+    # Every worker names the same files: only the chief may write them.
+    writers = (
+        [
+            tfloop.callbacks.JSONLLogger(os.path.join(logs, "run.jsonl")),
+            tfloop.callbacks.CSVLogger(os.path.join(logs, "run.csv")),
+            tfloop.callbacks.ExportBest(os.path.join(logs, "best.keras"), monitor="loss"),
+        ]
+        if logs
+        else []
+    )
 
     scope = strategy.scope() if strategy is not None else tf.distribute.get_strategy().scope()
     with scope:
@@ -45,7 +58,7 @@ def _fit(strategy: Any, die_at: int = -1, epochs: int = EPOCHS, checkpoints: str
         jit_compile=False,
         strategy=strategy,
         seed=0,
-        callbacks=[record],
+        callbacks=[record, *writers],
         checkpoint=tfloop.Checkpointer(checkpoints, every_n_steps=2) if checkpoints else None,
     )
     x, y = _data()
@@ -83,6 +96,7 @@ def main() -> None:
         die_at,
         epochs=EPOCHS if die_at < 0 else 200,
         checkpoints=os.environ.get("TFLOOP_TEST_CHECKPOINTS", "").format(index=index),
+        logs=out,
     )
     predictions = trainer.predict(x)
     weights = {f"w{i}": np.array(w) for i, w in enumerate(trainer.model.get_weights())}

@@ -76,6 +76,7 @@ class Controller:
             epoch=plan.initial_epoch,
             validation_every_n_steps=plan.validation_every_n_steps,
             max_steps=plan.max_steps,
+            chief=_distribute.is_chief(hooks.strategy),
         )
         self.callbacks = CallbackList()
         self.trainer: TrainerView | None = None  # its stop_training stops the run

@@ -152,7 +152,7 @@ class Trainer:
         self.stop_training = False
         self.preempted = False  # set by fit when a preemption signal made it save and return
         self.stop_reason: str | None = None  # why the last fit returned
-        self.run_info = RunInfo()
+        self.run_info = RunInfo(chief=_distribute.is_chief(self.strategy))
         methods = StepMethods(
             self.train_step,
             self.test_step,

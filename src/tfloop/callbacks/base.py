@@ -33,6 +33,8 @@ class RunInfo:
         input_seconds: seconds the current epoch's training has spent waiting for its input
             so far: pulling batches from the iterator and stacking them, between compiled
             executions (0 at each epoch start). Near the epoch's time, the loop is input-bound.
+        chief: whether this process writes the run's files: ``False`` on the other workers of
+            a multi-worker strategy, where callbacks with ``chief_only`` get no events.
     """
 
     in_fit: bool = False
@@ -44,6 +46,7 @@ class RunInfo:
     step_validation: bool = False
     max_steps: int | None = None
     input_seconds: float = 0.0
+    chief: bool = True
 
 
 class TrainerView(Protocol):
@@ -88,6 +91,12 @@ class Callback:
 
     trainer: Any = None
     """The :class:`TrainerView` of the Trainer running this callback (set by the Trainer)."""
+
+    chief_only: bool = False
+    """Whether only the chief runs this callback under a multi-worker strategy (every worker
+    runs the same ``fit``, so a callback that writes a file would write it once per worker).
+    The loggers, ``TensorBoard``, ``ExportBest`` and ``Profiler`` set it; set it on your own
+    callbacks that write shared files."""
 
     def set_trainer(self, trainer: TrainerView) -> None:
         """Called by the Trainer before any event."""
@@ -165,13 +174,16 @@ class CallbackList:
         self, callbacks: Iterable[Callback] = (), trainer: TrainerView | None = None
     ) -> None:
         self.callbacks: Sequence[Callback] = list(callbacks)
+        self._trainer = trainer
         if trainer is not None:
             for callback in self.callbacks:
                 callback.set_trainer(trainer)
 
     def _call(self, event: str, *args: Any) -> None:
+        chief = self._trainer is None or self._trainer.run_info.chief
         for callback in self.callbacks:
-            getattr(callback, event)(*args)
+            if chief or not callback.chief_only:
+                getattr(callback, event)(*args)
 
     def on_fit_start(self, logs: Logs) -> None:
         self._call("on_fit_start", logs)

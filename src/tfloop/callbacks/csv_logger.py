@@ -47,6 +47,8 @@ class CSVLogger(Callback):
         1,0.25,0.75
     """
 
+    chief_only = True  # one file for the cluster
+
     def __init__(
         self, filename: str | os.PathLike[str], separator: str = ",", append: bool = False
     ) -> None:

@@ -51,6 +51,8 @@ class ExportBest(Callback):
         (True, 2)
     """
 
+    chief_only = True  # one file for the cluster
+
     def __init__(
         self,
         path: str | os.PathLike[str],

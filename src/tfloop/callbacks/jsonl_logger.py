@@ -56,6 +56,8 @@ class JSONLLogger(Callback):
         ('epoch', 0, 0.5)
     """
 
+    chief_only = True  # one file for the cluster
+
     def __init__(
         self,
         path: str | os.PathLike[str],

@@ -42,6 +42,8 @@ class Profiler(Callback):
         (3, 4)
     """
 
+    chief_only = True  # one file for the cluster
+
     def __init__(
         self, log_dir: str | os.PathLike[str], executions: int | tuple[int, int] = (2, 3)
     ) -> None:

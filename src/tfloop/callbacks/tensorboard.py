@@ -53,6 +53,8 @@ class TensorBoard(Callback):
         >>> board = TensorBoard(tempfile.mkdtemp())  # doctest: +SKIP
     """
 
+    chief_only = True  # one file for the cluster
+
     def __init__(
         self,
         log_dir: str | os.PathLike[str] = "logs",
