@@ -138,6 +138,26 @@ def test_an_out_of_range_sparse_label_anywhere_in_the_arrays_is_named_before_tra
     assert_untouched(trainer, before)
 
 
+@pytest.mark.parametrize(
+    ("position", "message"),
+    [
+        (3, r"\[0, 4\).*holds 7"),  # in the dry run's batch: checked before training
+        (50, r"outside its output's classes \(.*label value of 7.*\[0, 4\)\)"),  # met later
+    ],
+)
+def test_an_out_of_range_sparse_label_in_a_pipeline_is_a_data_error_without_xla(
+    position, message
+):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4)])
+    trainer = tfloop.Trainer(model, "sgd", "sparse_categorical_crossentropy", jit_compile=False)
+    labels = np.arange(64) % 4
+    labels[position] = 7
+    data = tf.data.Dataset.from_tensor_slices((np.ones((64, 3), "float32"), labels)).batch(8)
+    with pytest.raises(DataError, match=message):
+        trainer.fit(data, verbose=0)
+
+
 def test_an_unbuilt_model_trains_evaluates_and_predicts_alike():
     model = keras.Sequential([keras.layers.Dense(4, activation="relu"), keras.layers.Dense(1)])
     trainer = tfloop.Trainer(model, "sgd", "mse", seed=0)

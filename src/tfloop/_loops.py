@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -36,7 +37,7 @@ from tfloop import _distribute
 from tfloop._loop_parts import Kind, LoopSpec, StepRunner, UpdateWindow, eager_predict, zeros
 from tfloop._validate import first_line
 from tfloop.data._mixed import MixedSteps
-from tfloop.errors import ConfigError, TfloopError, WorkerError
+from tfloop.errors import ConfigError, DataError, TfloopError, WorkerError
 
 __all__ = ["UNROLL_MAX", "CompiledLoop", "Kind", "LoopSpec", "UpdateWindow"]
 
@@ -57,6 +58,11 @@ _PEER_ERRORS = (
     tf.errors.DeadlineExceededError,
     tf.errors.CancelledError,
     tf.errors.AbortedError,
+)
+
+# How TensorFlow's sparse cross-entropy kernel reports a label out of range (not under XLA).
+_LABEL_OUT_OF_RANGE = re.compile(
+    r"Received a label value of -?\d+ which is outside the valid range of \[\d+, \d+\)"
 )
 
 UNROLL_MAX = 8
@@ -101,6 +107,16 @@ class CompiledLoop:
             return self._run(superbatch, start, stop, *extra, per_worker=per_worker)
         except TfloopError:
             raise
+        except tf.errors.InvalidArgumentError as error:
+            label = _LABEL_OUT_OF_RANGE.search(str(error))
+            if label is None:
+                raise
+            raise DataError(
+                f"data: an integer label lies outside its output's classes ({label.group(0)}). "
+                "Fix the labels (or the number of output units). Under XLA TensorFlow does not "
+                "check this range; tfloop checks arrays before training, but not a pipeline's "
+                "labels."
+            ) from None
         except Exception as error:
             # A tfloop error raised while tracing a step (a check of what a step method
             # returned) reaches here wrapped by AutoGraph: raise it as it was.

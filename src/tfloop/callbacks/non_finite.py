@@ -18,7 +18,8 @@ Policy = Literal["raise", "skip", "ignore"]
 _POLICIES = ("raise", "skip", "ignore")
 _ADVICE = (
     "Lower the learning rate, clip gradients with Trainer(clip_global_norm=...), check the data "
-    "for NaN/Inf, or pass NonFiniteGuard('skip') to skip such updates."
+    "for NaN/Inf and for integer labels outside the output's classes (under XLA they give a "
+    "NaN loss), or pass NonFiniteGuard('skip') to skip such updates."
 )
 
 
