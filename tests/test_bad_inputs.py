@@ -145,9 +145,7 @@ def test_an_out_of_range_sparse_label_anywhere_in_the_arrays_is_named_before_tra
         (50, r"outside its output's classes \(.*label value of 7.*\[0, 4\)\)"),  # met later
     ],
 )
-def test_an_out_of_range_sparse_label_in_a_pipeline_is_a_data_error_without_xla(
-    position, message
-):
+def test_an_out_of_range_sparse_label_in_a_pipeline_is_a_data_error_without_xla(position, message):
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4)])
     trainer = tfloop.Trainer(model, "sgd", "sparse_categorical_crossentropy", jit_compile=False)
