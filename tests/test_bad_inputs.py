@@ -4,6 +4,7 @@ subprocess with a timeout."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -14,9 +15,12 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import make_data, make_model, weights_of
+from conftest import assert_weights_equal, make_data, make_model, weights_of
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import tfloop
+from tfloop._labels import LABEL_ERRORS, LabelRangeCheck
 from tfloop.errors import ConfigError, DataError
 
 
@@ -138,22 +142,92 @@ def test_an_out_of_range_sparse_label_anywhere_in_the_arrays_is_named_before_tra
     assert_untouched(trainer, before)
 
 
+def _bad_label_pipeline(bad_positions, n=64, batch=8):
+    labels = np.arange(n) % 4
+    labels[list(bad_positions)] = 7
+    x = np.random.default_rng(0).random((n, 3)).astype("float32")
+    return tf.data.Dataset.from_tensor_slices((x, labels)).batch(batch)
+
+
+def _classifier(strategy=None, **options):
+    keras.utils.set_random_seed(0)
+    scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
+    with scope:
+        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4)])
+        return tfloop.Trainer(
+            model, "sgd", "sparse_categorical_crossentropy", strategy=strategy, **options
+        )
+
+
 @pytest.mark.parametrize(
-    ("position", "message"),
+    ("position", "jit", "message"),
     [
-        (3, r"\[0, 4\).*holds 7"),  # in the dry run's batch: checked before training
-        (50, r"outside its output's classes \(.*label value of 7.*\[0, 4\)\)"),  # met later
+        (3, True, r"\[0, 4\).*holds 7"),  # in the dry run's batch: checked before training
+        (50, False, r"outside its output's classes \(.*label value of 7.*\[0, 4\)\)"),
+        (50, True, r"1 integer label lies outside their output's classes"),  # XLA: counted
     ],
 )
-def test_an_out_of_range_sparse_label_in_a_pipeline_is_a_data_error_without_xla(position, message):
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4)])
-    trainer = tfloop.Trainer(model, "sgd", "sparse_categorical_crossentropy", jit_compile=False)
-    labels = np.arange(64) % 4
-    labels[position] = 7
-    data = tf.data.Dataset.from_tensor_slices((np.ones((64, 3), "float32"), labels)).batch(8)
+def test_an_out_of_range_sparse_label_in_a_pipeline_is_a_data_error(position, jit, message):
+    trainer = _classifier(jit_compile=jit)
     with pytest.raises(DataError, match=message):
-        trainer.fit(data, verbose=0)
+        trainer.fit(_bad_label_pipeline([position]), verbose=0)
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    bad=st.sets(st.integers(8, 63), min_size=1, max_size=6),
+    k=st.sampled_from([1, 3, 8]),
+    accumulate=st.sampled_from([1, 2]),
+)
+def test_under_xla_the_execution_that_meets_bad_labels_stops_fit_counting_them(bad, k, accumulate):
+    trainer = _classifier(jit_compile=True, steps_per_execution=k, accumulate_steps=accumulate)
+    first = min(bad) // 8  # the batch of the first bad label; batch 0 is good
+    start = first // k * k  # the first step of the execution that meets it
+    expected = sum(1 for p in bad if start * 8 <= p < (start + k) * 8)
+    with pytest.raises(DataError, match=rf"\b{expected} integer labels? lie"):
+        trainer.fit(_bad_label_pipeline(bad), verbose=0)
+
+
+def test_a_bad_label_in_validation_data_is_a_data_error_under_xla():
+    trainer = _classifier(jit_compile=True)
+    with pytest.raises(DataError, match="1 integer label lies outside"):
+        trainer.fit(_bad_label_pipeline([]), validation_data=_bad_label_pipeline([40]), verbose=0)
+    with pytest.raises(DataError, match="1 integer label lies outside"):
+        trainer.evaluate(_bad_label_pipeline([40]))
+    assert trainer.evaluate(_bad_label_pipeline([]))["loss"] > 0  # the count starts afresh
+
+
+def test_bad_labels_are_counted_on_every_replica_of_a_strategy():
+    # XLA on CPU cannot reach a second logical CPU's variables, so the count is driven here
+    # as the compiled step drives it, replica by replica (tfloop's XLA is on for GPUs/TPUs).
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    check = LabelRangeCheck(strategy)
+    check.enable(True)
+    shares = [tf.constant([7, 0, 3, -1]), tf.constant([0, 4, 1, 2])]  # 2 bad, then 1
+    labels = strategy.experimental_distribute_values_from_function(
+        lambda context: shares[context.replica_id_in_sync_group]
+    )
+
+    @tf.function
+    def step(labels):
+        strategy.run(lambda y: check.count(y, tf.zeros((4, 4))), args=(labels,))
+        return check.results()
+
+    with pytest.raises(DataError, match="3 integer labels lie outside"):
+        check.check(step(labels))
+    check.reset()
+    assert int(check.results()[LABEL_ERRORS]) == 0
+
+
+def test_good_labels_under_xla_train_as_without_the_count(tmp_path):
+    logs = []
+    for jit in (True, False):
+        trainer = _classifier(jit_compile=jit, steps_per_execution=4)
+        history = trainer.fit(_bad_label_pipeline([]), epochs=2, verbose=0)
+        logs.append((history.history, weights_of(trainer.model)))
+    assert sorted(logs[0][0]) == ["loss"]  # the count is never a log
+    np.testing.assert_allclose(logs[0][0]["loss"], logs[1][0]["loss"], rtol=1e-5)
+    assert_weights_equal(logs[0][1], logs[1][1], rtol=1e-5, atol=1e-6)
 
 
 def test_an_unbuilt_model_trains_evaluates_and_predicts_alike():

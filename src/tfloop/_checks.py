@@ -11,6 +11,7 @@ from typing import Any
 
 import tensorflow as tf
 
+from tfloop._labels import check_sparse_labels
 from tfloop._validate import describe_tensors, first_line
 from tfloop.data import unpack_batch
 from tfloop.errors import ConfigError, DataError
@@ -23,7 +24,6 @@ __all__ = [
     "check_loss",
     "check_model_accepts",
     "check_scalar_loss",
-    "check_sparse_labels",
     "check_target_shapes",
 ]
 
@@ -95,35 +95,6 @@ class DryRun:
         finally:
             self.reset_metrics()
         self._validated.add(signature)
-
-
-def check_sparse_labels(y: Nested, outputs: Nested, argument: str = "x") -> None:
-    """A DataError for integer labels outside ``[0, classes)`` of the output they go with.
-
-    Checked over all of the arrays before training: one out-of-range label anywhere gives NaN
-    weights under XLA (TensorFlow's kernels check the range only without it).
-    """
-    if y is None or outputs is None:
-        return
-    try:
-        tf.nest.assert_same_structure(y, outputs)
-    except (ValueError, TypeError):
-        return
-    for label, output in zip(tf.nest.flatten(y), tf.nest.flatten(outputs), strict=True):
-        rank, out_rank = label.shape.rank, output.shape.rank
-        if not label.dtype.is_integer or not out_rank or output.shape[-1] in (None, 1):
-            continue
-        if not (rank == out_rank - 1 or (rank == out_rank and label.shape[-1] == 1)):
-            continue
-        classes = int(output.shape[-1])
-        low, high = int(tf.reduce_min(label)), int(tf.reduce_max(label))
-        if low < 0 or high >= classes:
-            bad = low if low < 0 else high
-            raise DataError(
-                f"{argument}: the integer labels y must lie in [0, {classes}) for an output of "
-                f"{classes} classes, but y holds {bad}. Fix the labels (or the number of "
-                "output units)."
-            )
 
 
 def check_model_accepts(

@@ -13,9 +13,10 @@ from typing import Any, Literal
 
 import tensorflow as tf
 
-from tfloop import _checks, _config, _distribute, _seeds, _validate
+from tfloop import _checks, _config, _distribute, _labels, _seeds, _validate
 from tfloop import data as data_lib
 from tfloop._controller import FitHooks, run_evaluation
+from tfloop._labels import LabelRangeCheck
 from tfloop._logs import INTERNAL, LOSS_COUNT, floats, metric_results, without
 from tfloop._loops import CompiledLoop, LoopSpec
 from tfloop._update import UpdateRule
@@ -52,9 +53,11 @@ class Engine:
         loss: Callable[[], Any],
         compiled: Any,
         update: UpdateRule,
+        labels: LabelRangeCheck,
         options: _config.TrainerOptions,
     ) -> None:
         self.methods = methods
+        self.labels = labels
         self.model = model
         self.loss = loss
         self.update = update
@@ -79,6 +82,7 @@ class Engine:
     def metric_results(self) -> dict[str, Any]:
         results = metric_results(self.methods.metrics())
         results[LOSS_COUNT] = tf.identity(self.compiled.loss_tracker.count)
+        results.update(self.labels.results())
         return results
 
     def results(self) -> dict[str, Any]:
@@ -87,6 +91,7 @@ class Engine:
     def reset_metrics(self) -> None:
         for metric in self.methods.metrics():
             metric.reset_state()
+        self.labels.reset()
 
     # -------------------------------------------------------------------------------- loops
 
@@ -101,6 +106,9 @@ class Engine:
         methods, options = self.methods, self.options
         jit, fallback = _config.jit_choice(options.jit_compile, self.model, options.strategy)
         returns_logs = f"{kind}_step" in methods.overridden
+        # Under XLA TensorFlow's kernels no longer check label ranges: the step counts them.
+        self.labels.enable(jit and not options.run_eagerly)
+        check = self.labels.check if kind != "predict" else None
         if kind == "train":
             # A step adds exactly one micro-batch (may unroll): tfloop's train_step, unguarded.
             overridden = returns_logs or "apply_gradients" in methods.overridden
@@ -117,6 +125,7 @@ class Engine:
             jit=jit,
             jit_fallback=fallback,
             eager=options.run_eagerly,
+            check=check,
         )
 
     def build(self, batch: Nested, training: bool, argument: str = "data") -> None:
@@ -149,7 +158,7 @@ class Engine:
         arrays = getattr(source, "arrays", None)
         if source.indexed and arrays is not None:
             _, y, _ = data_lib.unpack_batch(arrays)
-            _checks.check_sparse_labels(y, self.dry_run.outputs, argument)
+            _labels.check_sparse_labels(y, self.dry_run.outputs, argument)
 
     def check_can_train(self) -> None:
         overridden = self.methods.overridden

@@ -23,6 +23,7 @@ __all__ = [
     "BATCH",
     "COUNTERS",
     "INTERNAL",
+    "LABEL_ERRORS",
     "LOSS_COUNT",
     "NON_FINITE_STEPS",
     "STEP",
@@ -46,6 +47,9 @@ COUNTERS = (STEP, BATCH)
 LOSS_COUNT = "_loss_count"
 """What the ``loss`` tracker counted: a ``loss`` nothing measured (a ``train_step`` override
 that returns its own values) is left out of the logs."""
+
+LABEL_ERRORS = "_label_errors"
+"""Labels outside their output's classes this epoch, counted under XLA (``_labels.py``)."""
 
 INTERNAL = (STEP, WINDOW, NON_FINITE_STEPS)
 """What a loop's results carry besides the metrics."""
@@ -88,6 +92,7 @@ def floats(values: Mapping[str, Any]) -> dict[str, float]:
     logs = {name: float(np.asarray(values[name]).mean()) for name in sorted(values)}
     if logs.pop(LOSS_COUNT, 1.0) == 0.0:
         logs.pop("loss", None)
+    logs.pop(LABEL_ERRORS, None)
     return logs
 
 

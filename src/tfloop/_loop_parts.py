@@ -63,6 +63,7 @@ class LoopSpec:
     jit_fallback: bool = False  # if XLA cannot compile, log why and run without it
     fresh_window: bool = False  # each call starts with an empty window (see _loops.py)
     eager: bool = False  # run the steps eagerly, in Python (a debugging mode)
+    check: Callable[[dict[str, Any]], None] | None = None  # of each execution's results, host
 
 
 def step_batch(data: Nested, i: tf.Tensor) -> Nested:

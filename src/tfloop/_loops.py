@@ -104,7 +104,7 @@ class CompiledLoop:
         self, superbatch: Nested, start: int, stop: int, *extra: int, per_worker: bool = False
     ) -> Any:
         try:
-            return self._run(superbatch, start, stop, *extra, per_worker=per_worker)
+            out = self._run(superbatch, start, stop, *extra, per_worker=per_worker)
         except TfloopError:
             raise
         except tf.errors.InvalidArgumentError as error:
@@ -113,9 +113,7 @@ class CompiledLoop:
                 raise
             raise DataError(
                 f"data: an integer label lies outside its output's classes ({label.group(0)}). "
-                "Fix the labels (or the number of output units). Under XLA TensorFlow does not "
-                "check this range; tfloop checks arrays before training, but not a pipeline's "
-                "labels."
+                "Fix the labels (or the number of output units)."
             ) from None
         except Exception as error:
             # A tfloop error raised while tracing a step (a check of what a step method
@@ -124,6 +122,9 @@ class CompiledLoop:
             if original is None:
                 raise
             raise original from None
+        if self.spec.check is not None:
+            self.spec.check(out[0])
+        return out
 
     @property
     def dispatches_shapes(self) -> bool:

@@ -24,6 +24,7 @@ from tfloop._compile import compile_model
 from tfloop._engine import Engine, StepMethods
 from tfloop._export import export_model
 from tfloop._fit_args import Duration, as_data, plan_fit
+from tfloop._labels import LabelRangeCheck
 from tfloop._logs import as_list
 from tfloop._update import NonFinitePolicy, UpdateRule
 from tfloop.callbacks import CallbackList, History, ProgressBar, RunInfo
@@ -146,6 +147,7 @@ class Trainer:
                 drop_remainder=options.drop_remainder,
                 strategy=self.strategy,
             )
+        self._labels = LabelRangeCheck(self.strategy)
         if self.strategy is not None:
             _distribute.check_created_in_scope(self.strategy, model, self.optimizer)
         self._data_seed = options.data_seed
@@ -169,6 +171,7 @@ class Trainer:
             loss=lambda: self.loss,
             compiled=self._compiled,
             update=self._update,
+            labels=self._labels,
             options=options,
         )
 
@@ -222,6 +225,7 @@ class Trainer:
             # every replica takes part in the same all-reduce.
             return tf.add_n([tf.reduce_sum(v) * 0.0 for v in self.trainable_variables])
         y_pred = self._call_model(x, training)
+        self._labels.count(y, y_pred)  # under XLA: labels outside their output's classes
         # Keras losses divide by the number of replicas under a strategy; tfloop weights each
         # replica's mean by its example count instead (exact for uneven splits), so it
         # multiplies that back.
