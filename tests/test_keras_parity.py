@@ -270,3 +270,26 @@ def test_class_weight_and_validation_split_train_as_model_fit_does(fit_options):
     history = trainer.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0, **fit_options)
     assert_logs_close(expected, history.history)
     assert_weights_equal(weights_of(reference), weights_of(model), rtol=RTOL, atol=1e-6)
+
+
+def test_labels_a_loss_ignores_are_no_error_and_train_as_model_fit_does():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 4)).astype("float32")
+    y = rng.integers(0, 2, 64)
+    y[::5] = -1  # padding, which the loss ignores: not a label out of range
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=-1)
+    reference = small_classifier()
+    reference.compile(optimizer=keras.optimizers.SGD(0.1), loss=loss, jit_compile=False)
+    expected = reference.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0).history
+    model = small_classifier()
+    trainer = tfloop.Trainer(model, keras.optimizers.SGD(0.1), loss=loss, jit_compile=False)
+    history = trainer.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+    assert_logs_close(expected, history.history)
+    assert_weights_equal(weights_of(reference), weights_of(model), rtol=RTOL, atol=1e-6)
+    # Under XLA, from a pipeline: the in-graph count leaves them out too.
+    compiled = tfloop.Trainer(
+        small_classifier(), keras.optimizers.SGD(0.1), loss=loss, jit_compile=True
+    )
+    pipeline = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+    compiled_history = compiled.fit(pipeline, epochs=2, verbose=0)
+    np.testing.assert_allclose(compiled_history.history["loss"], expected["loss"], rtol=1e-4)

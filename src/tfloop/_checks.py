@@ -11,7 +11,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from tfloop._labels import check_sparse_labels
+from tfloop._labels import check_sparse_labels, ignored_classes
 from tfloop._validate import describe_tensors, first_line
 from tfloop.data import unpack_batch
 from tfloop.errors import ConfigError, DataError
@@ -83,7 +83,7 @@ class DryRun:
                 y_pred = check_model_accepts(self.predict_step, batch, model, argument)
                 self.outputs = tf.nest.map_structure(tf.TensorSpec.from_tensor, y_pred)
                 check_target_shapes(y, y_pred, argument)
-                check_sparse_labels(y, y_pred, argument)
+                check_sparse_labels(y, y_pred, argument, ignored_classes(compiled.loss))
                 compiled.build(y, y_pred)
             if y is None and not overrides_loss and checks_loss:
                 raise DataError(

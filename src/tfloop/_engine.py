@@ -107,7 +107,7 @@ class Engine:
         jit, fallback = _config.jit_choice(options.jit_compile, self.model, options.strategy)
         returns_logs = f"{kind}_step" in methods.overridden
         # Under XLA TensorFlow's kernels no longer check label ranges: the step counts them.
-        self.labels.enable(jit and not options.run_eagerly)
+        self.labels.enable(jit and not options.run_eagerly, _labels.ignored_classes(self.loss()))
         check = self.labels.check if kind != "predict" else None
         if kind == "train":
             # A step adds exactly one micro-batch (may unroll): tfloop's train_step, unguarded.
@@ -158,7 +158,8 @@ class Engine:
         arrays = getattr(source, "arrays", None)
         if source.indexed and arrays is not None:
             _, y, _ = data_lib.unpack_batch(arrays)
-            _labels.check_sparse_labels(y, self.dry_run.outputs, argument)
+            ignored = _labels.ignored_classes(self.loss())
+            _labels.check_sparse_labels(y, self.dry_run.outputs, argument, ignored)
 
     def check_can_train(self) -> None:
         overridden = self.methods.overridden

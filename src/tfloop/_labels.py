@@ -9,7 +9,8 @@ DataError at the end of the execution that met it, before anything is saved.
 
 A label is a class index of the output it goes with when it is an integer tensor of the
 output's rank minus one (or of its rank with a last dimension of 1) and the output has a
-static number of classes above 1.
+static number of classes above 1. A label equal to a loss's ``ignore_class`` (Keras's
+``SparseCategoricalCrossentropy(ignore_class=-1)``, for padding) is never out of range.
 """
 
 from __future__ import annotations
@@ -53,14 +54,44 @@ def class_indices(y: Nested, outputs: Nested) -> Iterator[tuple[Any, int]]:
             yield label, int(out_shape[-1])
 
 
-def check_sparse_labels(y: Nested, outputs: Nested, argument: str = "x") -> None:
-    """A DataError for integer labels outside ``[0, classes)`` of the output they go with.
+def ignored_classes(loss: Any) -> frozenset[int]:
+    """The ``ignore_class`` values of the losses in ``loss`` (a Keras compiled loss, a loss,
+    or a structure of them); labels equal to one are left out of the range checks.
+
+    Examples:
+        >>> import keras
+        >>> ignored_classes(keras.losses.SparseCategoricalCrossentropy(ignore_class=-1))
+        frozenset({-1})
+        >>> ignored_classes({"a": "mse", "b": keras.losses.SparseCategoricalCrossentropy()})
+        frozenset()
+    """
+    found = set()
+    for leaf in tf.nest.flatten(getattr(loss, "_user_loss", loss)):
+        value = getattr(leaf, "ignore_class", None)
+        keywords = getattr(leaf, "_fn_kwargs", None)
+        if value is None and isinstance(keywords, dict):
+            value = keywords.get("ignore_class")
+        if isinstance(value, int) and not isinstance(value, bool):
+            found.add(value)
+    return frozenset(found)
+
+
+def check_sparse_labels(
+    y: Nested, outputs: Nested, argument: str = "x", ignored: frozenset[int] = frozenset()
+) -> None:
+    """A DataError for integer labels outside ``[0, classes)`` of the output they go with
+    (``ignored`` labels aside).
 
     Checked over all of the arrays before training: one out-of-range label anywhere gives NaN
     weights under XLA (TensorFlow's kernels check the range only without it).
     """
     for label, classes in class_indices(y, outputs):
-        low, high = int(tf.reduce_min(label)), int(tf.reduce_max(label))
+        values = tf.reshape(label, [-1])
+        for ignore in ignored:
+            values = tf.boolean_mask(values, values != ignore)
+        if tf.size(values) == 0:
+            continue
+        low, high = int(tf.reduce_min(values)), int(tf.reduce_max(values))
         if low < 0 or high >= classes:
             bad = low if low < 0 else high
             raise DataError(
@@ -94,6 +125,7 @@ class LabelRangeCheck:
 
     def __init__(self, strategy: tf.distribute.Strategy | None = None) -> None:
         self.enabled = False
+        self.ignored: frozenset[int] = frozenset()
         self.errors: tf.Variable | None = None
         if _distribute.is_parameter_server(strategy):
             return
@@ -108,18 +140,22 @@ class LabelRangeCheck:
                 tf.constant(0, tf.int64), trainable=False, name="label_errors", **on_read
             )
 
-    def enable(self, on: bool) -> None:
-        """Whether the steps traced from now on count (XLA on)."""
+    def enable(self, on: bool, ignored: frozenset[int] = frozenset()) -> None:
+        """Whether the steps traced from now on count (XLA on), and the labels they leave
+        out (the losses' ``ignore_class``)."""
         self.enabled = on and self.errors is not None
+        self.ignored = ignored
 
     def count(self, y: Nested, y_pred: Nested) -> None:
         """Adds the labels of ``y`` outside their output's classes (in-graph, no branch)."""
         if not self.enabled or self.errors is None or tf.executing_eagerly():
             return  # an eager step (the dry run) runs TensorFlow's own check
-        counts = [
-            tf.reduce_sum(tf.cast((label < 0) | (label >= classes), tf.int64))
-            for label, classes in class_indices(y, y_pred)
-        ]
+        counts = []
+        for label, classes in class_indices(y, y_pred):
+            bad = (label < 0) | (label >= classes)
+            for ignore in self.ignored:
+                bad &= label != ignore
+            counts.append(tf.reduce_sum(tf.cast(bad, tf.int64)))
         if counts:
             self.errors.assign_add(tf.add_n(counts))
 
