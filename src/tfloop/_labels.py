@@ -42,7 +42,7 @@ def class_indices(y: Nested, outputs: Nested) -> Iterator[tuple[Any, int]]:
     except (ValueError, TypeError):
         return
     for label, output in zip(tf.nest.flatten(y), tf.nest.flatten(outputs), strict=True):
-        if not tf.is_tensor(label) and not hasattr(label, "dtype"):
+        if isinstance(label, (tf.SparseTensor, tf.RaggedTensor)) or not hasattr(label, "dtype"):
             continue
         label_shape, out_shape = tf.TensorShape(label.shape), tf.TensorShape(output.shape)
         rank, out_rank = label_shape.rank, out_shape.rank
