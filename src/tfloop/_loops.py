@@ -60,9 +60,20 @@ _PEER_ERRORS = (
     tf.errors.AbortedError,
 )
 
-# How TensorFlow's sparse cross-entropy kernel reports a label out of range (not under XLA).
-_LABEL_OUT_OF_RANGE = re.compile(
-    r"Received a label value of -?\d+ which is outside the valid range of \[\d+, \d+\)"
+# How TensorFlow's sparse cross-entropy kernel reports a label out of range (not under XLA):
+# its own message, or under op determinism that of the gather it is made of.
+_LABEL_OUT_OF_RANGE = (
+    (
+        re.compile(
+            r"Received a label value of (-?\d+) which is outside the valid range of "
+            r"(\[\d+, \d+\))"
+        ),
+        "",
+    ),
+    (
+        re.compile(r"indices\[[\d,]+\] = (-?\d+) is not in (\[\d+, \d+\))"),
+        "SparseSoftmaxCrossEntropyWithLogits",  # not an Embedding's lookup, say
+    ),
 )
 
 UNROLL_MAX = 8
@@ -108,12 +119,12 @@ class CompiledLoop:
         except TfloopError:
             raise
         except tf.errors.InvalidArgumentError as error:
-            label = _LABEL_OUT_OF_RANGE.search(str(error))
+            label = _label_out_of_range(str(error))
             if label is None:
                 raise
             raise DataError(
-                f"data: an integer label lies outside its output's classes ({label.group(0)}). "
-                "Fix the labels (or the number of output units)."
+                f"data: an integer label lies outside its output's classes ({label}). Fix the "
+                "labels (or the number of output units)."
             ) from None
         except Exception as error:
             # A tfloop error raised while tracing a step (a check of what a step method
@@ -272,6 +283,25 @@ def _tfloop_error(error: BaseException) -> TfloopError | None:
             return cause
         seen.add(id(cause))
         cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def _label_out_of_range(message: str) -> str | None:
+    """``"label 7 is not in [0, 4)"`` when ``message`` is TensorFlow's about such a label.
+
+    Examples:
+        >>> _label_out_of_range("Received a label value of 7 which is outside the valid "
+        ...                     "range of [0, 4).  Label values: 0 7")
+        'label 7 is not in [0, 4)'
+        >>> _label_out_of_range("indices[2] = 7 is not in [0, 4) [[node embedding/GatherV2]]")
+        >>> _label_out_of_range("indices[2] = 7 is not in [0, 4) [[node "
+        ...                     "loss/SparseSoftmaxCrossEntropyWithLogits/GatherV2]]")
+        'label 7 is not in [0, 4)'
+    """
+    for pattern, node in _LABEL_OUT_OF_RANGE:
+        found = pattern.search(message)
+        if found is not None and node in message:
+            return f"label {found.group(1)} is not in {found.group(2)}"
     return None
 
 
