@@ -20,7 +20,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tfloop
-from tfloop._labels import LABEL_ERRORS, LabelRangeCheck
+from tfloop._labels import LabelRangeCheck
+from tfloop._logs import LABEL_ERRORS
 from tfloop.errors import ConfigError, DataError
 
 

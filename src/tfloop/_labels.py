@@ -24,7 +24,7 @@ from tfloop import _distribute
 from tfloop._logs import LABEL_ERRORS
 from tfloop.errors import DataError
 
-__all__ = ["LABEL_ERRORS", "LabelRangeCheck", "check_sparse_labels", "class_indices"]
+__all__ = ["LabelRangeCheck", "check_sparse_labels", "class_indices", "ignored_classes"]
 
 Nested = Any
 
