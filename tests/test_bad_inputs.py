@@ -238,6 +238,15 @@ def test_bad_labels_are_counted_on_every_replica_of_a_strategy():
     assert int(check.results()[LABEL_ERRORS]) == 0
 
 
+def test_a_step_without_class_index_labels_adds_nothing_to_the_results():
+    check = LabelRangeCheck()
+    check.enable(True)
+    tf.function(check.count)(tf.ones((3, 4)), tf.zeros((3, 4)))  # one-hot: nothing to count
+    assert check.results() == {}
+    tf.function(check.count)(tf.constant([0, 7, 1]), tf.zeros((3, 4)))
+    assert int(check.results()[LABEL_ERRORS]) == 1
+
+
 def test_good_labels_under_xla_train_as_without_the_count(tmp_path):
     logs = []
     for jit in (True, False):

@@ -125,6 +125,7 @@ class LabelRangeCheck:
 
     def __init__(self, strategy: tf.distribute.Strategy | None = None) -> None:
         self.enabled = False
+        self.counting = False  # a traced step counts labels (so the results carry the count)
         self.ignored: frozenset[int] = frozenset()
         self.errors: tf.Variable | None = None
         if _distribute.is_parameter_server(strategy):
@@ -158,10 +159,13 @@ class LabelRangeCheck:
             counts.append(tf.reduce_sum(tf.cast(bad, tf.int64)))
         if counts:
             self.errors.assign_add(tf.add_n(counts))
+            self.counting = True
 
     def results(self) -> dict[str, tf.Tensor]:
-        """The count, for the loop's results (nothing when off)."""
-        if not self.enabled or self.errors is None:
+        """The count, for the loop's results: nothing when off, or when no traced step had
+        class-index labels to count (a loop traces its results after its steps), so a model
+        without them reads nothing more per execution."""
+        if not self.enabled or not self.counting or self.errors is None:
             return {}
         return {LABEL_ERRORS: tf.identity(self.errors)}
 
