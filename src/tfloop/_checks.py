@@ -12,6 +12,8 @@ from typing import Any
 import tensorflow as tf
 
 from tfloop._labels import check_sparse_labels, ignored_classes
+from tfloop._model_steps import check_has_call, defines_call
+from tfloop._snapshot import unchanged
 from tfloop._validate import describe_tensors, first_line
 from tfloop.data import unpack_batch
 from tfloop.errors import ConfigError, DataError
@@ -47,7 +49,14 @@ def check_can_train(
 
 class DryRun:
     """The dry run of each new input signature (structure, shapes, dtypes) against a model
-    and loss: a second ``fit``, or one ``fit`` per epoch, does not repeat it."""
+    and loss: a second ``fit``, or one ``fit`` per epoch, does not repeat it.
+
+    It changes nothing (:func:`~tfloop._snapshot.unchanged`): what it could move is put back
+    after it: the global random generators, the model's non-trainable variables (among them its
+    seed generators and BatchNormalization statistics), the metrics' totals and the optimizer's
+    step. A metric the dry run built (Keras builds compiled metrics at their first update)
+    starts empty.
+    """
 
     def __init__(
         self,
@@ -55,46 +64,71 @@ class DryRun:
         compiled: Any,
         predict_step: Callable[[Nested], Nested],
         compute_loss: Callable[..., Any],
-        reset_metrics: Callable[[], None],
-        seed: int | None,
+        metrics: Callable[[], list[Any]],
+        optimizer: Any,
     ) -> None:
         self.model = model
         self.compiled = compiled  # the Trainer's LossAndMetrics
         self.predict_step = predict_step
         self.compute_loss = compute_loss
-        self.reset_metrics = reset_metrics
-        self.seed = seed
+        self.metrics = metrics
+        self.optimizer = optimizer
         self.outputs: Nested = None  # the specs of the model's outputs, once it ran
         self._validated: set[Any] = set()
 
     def check(
         self, batch: Nested, *, overrides_loss: bool, checks_loss: bool, argument: str = "data"
     ) -> None:
-        """Runs the model (and resolves the metrics) and the loss on ``batch``; the metrics
-        are reset afterwards, as the dry run updated them."""
+        """Runs the model (and resolves the metrics) and the loss on ``batch``; everything it
+        moved is put back afterwards."""
         model, compiled = self.model, self.compiled
         signature = (id(model), id(compiled.loss), *batch_signature(batch))
         if signature in self._validated:
-            self.reset_metrics()
             return
         _, y, _ = unpack_batch(batch)
+        built = {id(metric) for metric in self.metrics() if getattr(metric, "built", True)}
         try:
-            if not overrides_loss or compiled.specs:
-                y_pred = check_model_accepts(self.predict_step, batch, model, argument)
-                self.outputs = tf.nest.map_structure(tf.TensorSpec.from_tensor, y_pred)
-                check_target_shapes(y, y_pred, argument)
-                check_sparse_labels(y, y_pred, argument, ignored_classes(compiled.loss))
-                compiled.build(y, y_pred)
-            if y is None and not overrides_loss and checks_loss:
-                raise DataError(
-                    f"{argument} has no targets: pass (x, y) or a dataset of (x, y) tuples "
-                    "(or override compute_loss for a loss without targets)."
-                )
-            if checks_loss:
-                check_loss(self.compute_loss, batch, argument)
+            with unchanged(self._kept(built)):
+                self._run(batch, y, overrides_loss, checks_loss, argument)
         finally:
-            self.reset_metrics()
+            for metric in self.metrics():
+                if id(metric) not in built:
+                    metric.reset_state()
         self._validated.add(signature)
+
+    def kept_variables(self) -> list[Any]:
+        """What a check of the model may move (see the class docstring)."""
+        return self._kept({id(metric) for metric in self.metrics()})
+
+    def _kept(self, built_metrics: set[int]) -> list[Any]:
+        model = self.model
+        if isinstance(getattr(model, "non_trainable_variables", None), list):
+            variables = list(model.non_trainable_variables)
+        else:  # a tf.Module
+            variables = [v for v in getattr(model, "variables", ()) if not v.trainable]
+        for metric in self.metrics():
+            if id(metric) in built_metrics:
+                variables.extend(metric.variables)
+        step = getattr(self.optimizer, "iterations", None)
+        return variables if step is None else [*variables, step]
+
+    def _run(
+        self, batch: Nested, y: Nested, overrides_loss: bool, checks_loss: bool, argument: str
+    ) -> None:
+        model, compiled = self.model, self.compiled
+        if not overrides_loss or compiled.specs:
+            y_pred = check_model_accepts(self.predict_step, batch, model, argument)
+            self.outputs = tf.nest.map_structure(tf.TensorSpec.from_tensor, y_pred)
+            check_target_shapes(y, y_pred, argument)
+            check_sparse_labels(y, y_pred, argument, ignored_classes(compiled.loss))
+            compiled.build(y, y_pred)
+        if y is None and not overrides_loss and checks_loss:
+            raise DataError(
+                f"{argument} has no targets: pass (x, y) or a dataset of (x, y) tuples "
+                "(or override compute_loss for a loss without targets)."
+            )
+        if checks_loss:
+            check_loss(self.compute_loss, batch, argument)
 
 
 def check_model_accepts(
@@ -113,6 +147,8 @@ def check_model_accepts(
     except (ConfigError, DataError):
         raise
     except Exception as error:
+        if not defines_call(model):  # a Keras model without call(): not the data's fault
+            check_has_call(model, "the step that ran")
         raise DataError(
             f"{argument}: the model cannot take x {describe_tensors(x)}{_expected_input(model)}: "
             f"{first_line(error, 400)}. Reshape or cast x to the model's input, or change the "

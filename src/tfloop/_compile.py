@@ -25,6 +25,8 @@ Examples:
 
 from __future__ import annotations
 
+import logging
+import weakref
 from typing import Any
 
 import keras
@@ -37,6 +39,8 @@ __all__ = ["KerasLossAndMetrics", "LossAndMetrics", "compile_model", "resolve_op
 
 Nested = Any
 LossAndMetrics = Any  # KerasLossAndMetrics | PlainLossAndMetrics: the same interface
+
+logger = logging.getLogger("tfloop")
 
 _COMPILE_ARGUMENTS = ("loss", "loss_weights", "metrics", "weighted_metrics")
 
@@ -145,7 +149,16 @@ class KerasLossAndMetrics:
 
     @property
     def metrics(self) -> list[Any]:
-        return [self.loss_tracker, *self.compiled_metrics]
+        """tfloop's loss tracker, then the model's other metrics; a metric whose name is taken
+        already is left out (once named in a warning): its result would shadow the first's."""
+        metrics, names = [], set()
+        for metric in [self.loss_tracker, *self.compiled_metrics]:
+            if metric.name in names:
+                _warn_shadowed(metric)
+                continue
+            names.add(metric.name)
+            metrics.append(metric)
+        return metrics
 
     def build(self, y: Nested, y_pred: Nested) -> None:
         """Nothing: Keras builds its compiled loss and metrics at their first call."""
@@ -156,8 +169,8 @@ class KerasLossAndMetrics:
         y: Nested,
         y_pred: Nested,
         sample_weight: Nested,
-        *,
         training: bool,
+        *,
         replicas: int = 1,
         extra: Any = None,
     ) -> tf.Tensor:
@@ -189,6 +202,21 @@ class KerasLossAndMetrics:
         """``model.compute_metrics``: the compiled metrics and weighted metrics."""
         if self.model.compiled:
             self.model.compute_metrics(x, y, y_pred, sample_weight)
+
+
+_SHADOWED: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _warn_shadowed(metric: Any) -> None:
+    if metric not in _SHADOWED:
+        _SHADOWED.add(metric)
+        logger.warning(
+            "tfloop: the model's metric %r (%s) is left out of the Trainer's metrics and "
+            "logs: an earlier metric has that name (tfloop's 'loss' tracker, or a compiled "
+            "metric). Give it another name to log it.",
+            metric.name,
+            type(metric).__name__,
+        )
 
 
 def _hide_batch_dimension(y_pred: Nested) -> Nested:

@@ -196,9 +196,19 @@ def auto_jit_compile(model: Any) -> bool:
 
 
 def jit_choice(
-    jit_compile: bool | Literal["auto"], model: Any, strategy: tf.distribute.Strategy | None
+    jit_compile: bool | Literal["auto"],
+    model: Any,
+    strategy: tf.distribute.Strategy | None,
+    model_step: bool = False,
 ) -> tuple[bool, bool]:
-    """XLA on or off, and whether a failure to compile falls back without it."""
+    """XLA on or off, and whether a failure to compile falls back without it.
+
+    ``model_step``: the step is a Keras model's own (``_model_steps.py``); "auto" then takes
+    the model's compiled ``jit_compile``, as ``model.fit`` does (XLA draws other random
+    numbers than the plain graph, so a step with random ops would give other numbers).
+    """
+    if jit_compile == "auto" and model_step and strategy is None:
+        return bool(getattr(model, "jit_compile", False)), False
     if _distribute.is_parameter_server(strategy):
         # XLA cannot reach variables on another task (the parameter servers).
         if jit_compile is True:

@@ -23,7 +23,7 @@ import tensorflow as tf
 from tfloop import _distribute
 from tfloop._cadence import Deadline, EveryNSteps
 from tfloop._fit_args import FitPlan
-from tfloop._logs import BATCH, COUNTERS, STEP, WINDOW, floats, without
+from tfloop._logs import BATCH, COUNTERS, STEP, WINDOW, without
 from tfloop.callbacks import (
     Callback,
     CallbackList,
@@ -32,7 +32,6 @@ from tfloop.callbacks import (
     RunInfo,
     TrainerView,
 )
-from tfloop.callbacks.base import update_count
 from tfloop.checkpoint import Checkpointer, position_of
 from tfloop.data import DataSource, StepStream
 from tfloop.errors import CheckpointError, DataError
@@ -54,8 +53,11 @@ class FitHooks:
     train_loop: Callable[[], Callable[..., Any]]  # the compiled train loop (after build)
     evaluate: Callable[[DataSource, CallbackList], dict[str, float]]  # a validation pass
     results: Callable[[], Mapping[str, Any]]  # metric results and counters, read eagerly
+    # an execution's logs from its results and its last step's return value
+    logs: Callable[[Mapping[str, Any], Any], dict[str, float]]
     reset_metrics: Callable[[], None]
     checkpoint_objects: Callable[[], Mapping[str, Any]]  # what a checkpoint saves
+    update_count: Callable[[], int]  # updates so far (optimizer.iterations, or the model's)
     micro_batches_per_update: int = 1
     strategy: tf.distribute.Strategy | None = None
     scope: Callable[[], Any] = contextlib.nullcontext
@@ -260,8 +262,7 @@ class Controller:
             sys.exit(checkpointer.exit_code)
 
     def _updates(self) -> int:
-        assert self.trainer is not None
-        return update_count(self.trainer)
+        return self.hooks.update_count()
 
     def _stopping(self) -> bool:
         if self.budget_spent is not None:
@@ -330,7 +331,7 @@ class Controller:
         self.info.epoch = self.epoch
         self.info.input_seconds = 0.0
         self.callbacks.on_epoch_start(self.epoch, {})
-        step_logs: dict[str, float] = {}
+        step_logs: Any = None  # what the last step returned
         ran, complete = 0, True
         while steps_per_epoch is None or self.batch < steps_per_epoch:
             waiting = perf_counter()  # the stream pulls from the iterator when it needs to
@@ -359,14 +360,10 @@ class Controller:
             per_worker = plan.source.per_worker
             # A step marker for the profiler's overview page (about a microsecond when off).
             with tf.profiler.experimental.Trace("train", step_num=self.step, _r=1):
-                results, raw_step_logs = self.train(
-                    piece, start, stop, flush_at, per_worker=per_worker
-                )
-            logs = floats(results)
-            step_logs = floats(raw_step_logs or {})
+                results, step_logs = self.train(piece, start, stop, flush_at, per_worker=per_worker)
+            logs = hooks.logs(results, step_logs)
             last_step, self.step = self.step, int(logs[STEP])
             self.window = int(logs.pop(WINDOW, 0))
-            logs.update(step_logs)
             logs[BATCH] = float(self.batch - 1)
             self.callbacks.on_train_batch_end(self.batch - 1, logs)
             self.last_logs = logs
@@ -392,8 +389,7 @@ class Controller:
                 break
         if ran == 0 and not resumed and self.batch == 0:
             raise DataError(f"data yielded no batches in epoch {self.epoch}.")
-        logs = floats(without(hooks.results(), [WINDOW]))
-        logs.update(step_logs)
+        logs = hooks.logs(without(hooks.results(), [WINDOW]), step_logs)
         return without(logs, COUNTERS), complete
 
     def _chunk_limit(self) -> int:
@@ -438,7 +434,10 @@ class Controller:
 
 
 def run_evaluation(
-    loop: Callable[..., Any], chunks: Iterable[tuple[Nested, int, int]], callbacks: CallbackList
+    loop: Callable[..., Any],
+    chunks: Iterable[tuple[Nested, int, int]],
+    callbacks: CallbackList,
+    make_logs: Callable[[Mapping[str, Any], Any], dict[str, float]],
 ) -> dict[str, float]:
     """One evaluation pass: ``loop`` over ``chunks``, with the eval events; returns the logs
     of the last execution (the running metrics, so those of the whole pass)."""
@@ -446,7 +445,7 @@ def run_evaluation(
     logs: dict[str, float] = {}
     for piece, start, stop in chunks:
         results, step_logs = loop(piece, start, stop)
-        logs = floats({**results, **(step_logs or {})})
+        logs = make_logs(results, step_logs)
     callbacks.on_eval_end(logs)
     return logs
 

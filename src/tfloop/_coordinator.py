@@ -44,7 +44,7 @@ import tensorflow as tf
 from tfloop import _distribute
 from tfloop._controller import Controller, FitHooks
 from tfloop._fit_args import FitPlan
-from tfloop._logs import BATCH, COUNTERS, STEP, WINDOW, floats, without
+from tfloop._logs import BATCH, COUNTERS, STEP, WINDOW, without
 from tfloop._loops import CompiledLoop
 from tfloop.checkpoint import Checkpointer
 from tfloop.data import CoordinatedSource
@@ -134,7 +134,7 @@ class CoordinatedController(Controller):
             hooks.reset_metrics()
         self.info.epoch = self.epoch
         self.callbacks.on_epoch_start(self.epoch, {})
-        step_logs: dict[str, float] = {}
+        step_logs: Any = None
         while self.batch < plan.steps_per_epoch and not self._stopping():
             last_step = self.step
             result = None
@@ -153,16 +153,13 @@ class CoordinatedController(Controller):
             # The coordinator's count is exact; optimizer.iterations may have lost increments.
             self.trainer.optimizer.iterations.assign(self.step)
             assert result is not None
-            results, raw_step_logs = result.fetch()
-            logs = floats(without(results, [WINDOW]))
-            step_logs = floats(raw_step_logs or {})
-            logs.update(step_logs)
+            results, step_logs = result.fetch()
+            logs = hooks.logs(without(results, [WINDOW]), step_logs)
             logs[STEP], logs[BATCH] = float(self.step), float(self.batch - 1)
             self.callbacks.on_train_batch_end(self.batch - 1, logs)
             if checkpointer is not None and checkpointer.due(self.step, last_step):
                 self._save(logs)
                 if checkpointer.preempted:
                     self._stop()
-        logs = floats(without(hooks.results(), [WINDOW]))
-        logs.update(step_logs)
+        logs = hooks.logs(without(hooks.results(), [WINDOW]), step_logs)
         return without(logs, COUNTERS), self.batch >= plan.steps_per_epoch

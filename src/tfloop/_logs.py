@@ -29,6 +29,7 @@ __all__ = [
     "STEP",
     "WINDOW",
     "as_list",
+    "flatten",
     "floats",
     "format_logs",
     "metric_results",
@@ -86,9 +87,30 @@ def as_list(logs: Mapping[str, float]) -> Any:
     return values[0] if len(values) == 1 else values
 
 
+def flatten(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` with each nested dict's entries in its place, as Keras's ``pythonify_logs``
+    flattens logs: a ``{m.name: m.result() for m in metrics}`` whose ``CompileMetrics`` gives
+    ``{"compile_metrics": {"mae": ...}}`` logs ``mae``. Sorted by key; a later key wins.
+
+    Examples:
+        >>> flatten({"loss": 1.0, "compile_metrics": {"mae": 0.5, "mse": 0.25}})
+        {'mae': 0.5, 'mse': 0.25, 'loss': 1.0}
+    """
+    flat: dict[str, Any] = {}
+    for name in sorted(values):
+        value = values[name]
+        if isinstance(value, Mapping):
+            flat.update(flatten(value))
+        else:
+            flat[name] = value
+    return flat
+
+
 def floats(values: Mapping[str, Any]) -> dict[str, float]:
     """Each value as a float (a step method's non-scalar value logs its mean), in sorted key
-    order, as Keras gives logs to callbacks; ``loss`` only if something measured it."""
+    order, as Keras gives logs to callbacks (nested dicts flattened, :func:`flatten`);
+    ``loss`` only if something measured it."""
+    values = flatten(values)
     logs = {name: float(np.asarray(values[name]).mean()) for name in sorted(values)}
     if logs.pop(LOSS_COUNT, 1.0) == 0.0:
         logs.pop("loss", None)

@@ -7,6 +7,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, Protocol
 
+import numpy as np
 import tensorflow as tf
 
 from tfloop import _distribute
@@ -14,7 +15,16 @@ from tfloop._autograph import user_code
 from tfloop.data._mixed import MixedSteps
 from tfloop.errors import ConfigError
 
-__all__ = ["Kind", "LoopSpec", "StepRunner", "UpdateWindow", "eager_predict", "zeros"]
+__all__ = [
+    "Kind",
+    "LoopSpec",
+    "StepRunner",
+    "UpdateWindow",
+    "checked_step",
+    "eager_predict",
+    "loggable",
+    "zeros",
+]
 
 Nested = Any
 Kind = Literal["train", "test", "predict"]
@@ -85,23 +95,64 @@ def batch_spec(data: Nested) -> Nested:
 
 
 def specs(outputs: Nested, what: str = "the step") -> Nested | None:
+    """The specs of what a step returned (None: nothing to log)."""
     if outputs is None:  # a step that returns nothing adds nothing to the logs
         return None
-    if not isinstance(outputs, Mapping) and what != "predict_step":
+    if what != "predict_step":
+        outputs = loggable(outputs, what)
+    return tf.nest.map_structure(lambda value: tf.TensorSpec(value.shape, value.dtype), outputs)
+
+
+def loggable(outputs: Any, what: str) -> Any:
+    """A train or test step's return value as logs: a dict (nested dicts allowed, as a
+    ``CompileMetrics`` result is) of numeric tensors of static shape, Python numbers made
+    tensors. Anything else is a ConfigError naming its key, raised while the loop is traced,
+    before any update.
+
+    Examples:
+        >>> sorted(loggable({"loss": 0.5, "m": {"mae": tf.constant(1.0)}}, "train_step"))
+        ['loss', 'm']
+        >>> loggable({"loss": "high"}, "train_step")
+        Traceback (most recent call last):
+        ...
+        tfloop.errors.ConfigError: train_step returned 'high' under 'loss', which cannot be logged; a step method returns None or a dict of numbers (scalar tensors, or metric results) by name.
+    """
+    if outputs is None:
+        return None
+    if not isinstance(outputs, Mapping):
         raise ConfigError(
             f"{what} returned a {type(outputs).__name__}; a step method returns None or a dict "
             "of tensors ({'name': value}), which are logged under those names."
         )
 
-    def spec(value: Any) -> tf.TensorSpec:
-        if not tf.is_tensor(value):
+    def convert(path: str, value: Any) -> Any:
+        if isinstance(value, (bool, int, float, np.number)):
+            return tf.constant(value)
+        numeric = tf.is_tensor(value) and (
+            value.dtype.is_floating or value.dtype.is_integer or value.dtype.is_bool
+        )
+        if not numeric:
             raise ConfigError(
-                f"{what} returned {value!r} among its values; a step method returns None or a "
-                "dict of tensors (for a number, tf.constant(...)), which are logged."
+                f"{what} returned {value!r} under {path!r}, which cannot be logged; a step "
+                "method returns None or a dict of numbers (scalar tensors, or metric results) "
+                "by name."
             )
-        return tf.TensorSpec(value.shape, value.dtype)
+        if not value.shape.is_fully_defined():
+            raise ConfigError(
+                f"{what} returned a tensor of shape {value.shape} under {path!r}; the values a "
+                "step method returns must have a static shape (return scalars, or track "
+                "values with a metric)."
+            )
+        return value
 
-    return tf.nest.map_structure(spec, outputs)
+    def walk(path: str, value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {key: walk(f"{path}/{key}" if path else str(key), v) for key, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(walk(f"{path}/{i}", v) for i, v in enumerate(value))
+        return convert(path, value)
+
+    return walk("", outputs)
 
 
 def zeros(spec: Nested | None, what: str) -> Nested:
@@ -109,15 +160,17 @@ def zeros(spec: Nested | None, what: str) -> Nested:
     if spec is None:
         return {}
 
-    def zeros(s: tf.TensorSpec) -> tf.Tensor:
-        if not s.shape.is_fully_defined():
-            raise TypeError(
-                f"{what} returned a tensor of shape {s.shape}; the values a step method returns "
-                "must have a static shape (return scalars, or track values with a metric)."
-            )
-        return tf.zeros(s.shape, s.dtype)
+    return tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), spec)
 
-    return tf.nest.map_structure(zeros, spec)
+
+def checked_step(spec: LoopSpec) -> Callable[[Nested], Any]:
+    """The loop's step: user code converted by AutoGraph (see _autograph.py), its return value
+    checked as logs (:func:`loggable`) for a train or test step."""
+    step = spec.step
+    if spec.kind == "predict":
+        return lambda batch: user_code(step)(batch)
+    what = f"{spec.kind}_step"
+    return lambda batch: loggable(user_code(step)(batch), what)
 
 
 class Staging(Protocol):
@@ -142,13 +195,13 @@ class StepRunner:
         self.spec = spec
         self.strategy = spec.strategy
         self.shapes = shapes
-        step = spec.step
+        self.step = checked_step(spec)
+        step = self.step
 
         def replica_step(data: Nested, i: tf.Tensor) -> Any:
-            # A subclass's step is user code: AutoGraph converts it (see _autograph.py).
             if isinstance(data, MixedSteps):
-                return data.dispatch(i, user_code(step))
-            return user_code(step)(step_batch(data, i))
+                return data.dispatch(i, step)
+            return step(step_batch(data, i))
 
         # Without a strategy the whole loop is one XLA program; under one, each replica's step.
         self._replica_step = (
@@ -170,9 +223,7 @@ class StepRunner:
     def output_spec(self, data: Nested) -> Nested | None:
         strategy = self.strategy
 
-        def step(batch: Nested) -> Any:
-            return user_code(self.spec.step)(batch)
-
+        step = self.step
         if strategy is None:
             batch = batch_spec(data)
             concrete = tf.function(step).get_concrete_function(batch)
@@ -228,7 +279,7 @@ class StepRunner:
             window.stage(state)
             outputs = self.run(data, i)
             return outputs, window.unstage()
-        step = user_code(self.spec.step)
+        step = self.step
         nothing: list[bool] = []
 
         def staged(batch: Nested) -> Any:

@@ -51,8 +51,8 @@ class PlainLossAndMetrics:
         y: Nested,
         y_pred: Nested,
         sample_weight: Nested,
-        *,
         training: bool,
+        *,
         replicas: int = 1,
         extra: Any = None,
     ) -> tf.Tensor:

@@ -17,13 +17,14 @@ from typing import Any, Literal
 import keras
 import tensorflow as tf
 
-from tfloop import _checks, _config, _coordinator, _distribute, _seeds
+from tfloop import _checks, _config, _coordinator, _distribute, _model_steps
 from tfloop import data as data_lib
 from tfloop._autograph import user_code
 from tfloop._compile import compile_model
 from tfloop._engine import Engine, StepMethods
 from tfloop._export import export_model
 from tfloop._fit_args import Duration, as_data, plan_fit
+from tfloop._keras_form import keras_signature, loss_of
 from tfloop._labels import LabelRangeCheck
 from tfloop._logs import as_list
 from tfloop._update import NonFinitePolicy, UpdateRule
@@ -43,8 +44,8 @@ class Trainer:
     the same), and the model is compiled with the result.
 
     Args:
-        model: a ``keras.Model``, or any ``tf.Module`` owning ``tf.Variable`` s (then give a
-            single ``loss`` or override ``compute_loss``).
+        model: a ``keras.Model`` (one that overrides ``train_step`` & co. runs its own steps),
+            or a ``tf.Module`` owning ``tf.Variable`` s (with one ``loss``, or a subclass).
         optimizer: a Keras optimizer or its name; default: the compiled model's, else Adam.
         loss: a Keras loss, its name, ``callable(y_true, y_pred)``, or a dict / list of them
             per output, as in ``Model.compile``. Not needed when ``compute_loss`` is overridden.
@@ -55,8 +56,7 @@ class Trainer:
         accumulate_steps: micro-batches per optimizer update; the update is the exact mean
             gradient of the window, weighted by example count (see ``GradientAccumulator``).
         drop_remainder: with ``accumulate_steps > 1``, discard the partial last window of each
-            epoch instead of applying it with its own total (its examples still count in the
-            epoch's loss and metrics).
+            epoch instead of applying it with its own total.
         steps_per_execution: batches run per compiled call; ``"auto"`` picks a fast value from
             the steps per epoch and the size of a batch (64, up to 1024 for small batches).
         jit_compile: XLA on (``True``), off (``False``), or ``"auto"``: on, falling back to the
@@ -64,17 +64,14 @@ class Trainer:
         run_eagerly: run every step eagerly, in Python (``print``, ``pdb``, ``.numpy()``
             work): a debugging mode, much slower, with the same results.
         clip_global_norm: clip the (accumulated) gradient to this global norm before applying.
-        non_finite: what an update with a NaN or Inf loss or gradient does: ``"ignore"``
-            (applied as it is, the fastest), ``"skip"`` (dropped in-graph and counted in
-            ``non_finite_steps``) or ``"raise"`` (dropped, and ``fit`` raises). A
-            ``NonFiniteGuard`` in ``callbacks`` sets it and adds its messages.
+        non_finite: an update with a NaN or Inf loss or gradient is ``"ignore"`` d (applied,
+            the fastest), ``"skip"`` ped in-graph (counted in ``non_finite_steps``) or dropped
+            and ``"raise"`` d by ``fit``. A ``NonFiniteGuard`` in ``callbacks`` sets it.
         callbacks: ``tfloop.Callback`` s (Keras callbacks are run through ``KerasCallbacks``).
         checkpoint: a directory (checkpoints every epoch, resume from the latest) or a
             ``tfloop.Checkpointer``; ``None`` saves nothing.
-        strategy: a ``tf.distribute.Strategy`` (Mirrored, MultiWorkerMirrored, ParameterServer,
-            TPU). Create the model (and an optimizer instance, if you pass one) inside
-            ``strategy.scope()``. Batches are *global*: each step's batch is split across the
-            replicas. ``None`` runs on the default device.
+        strategy: a ``tf.distribute.Strategy``; create the model (and an optimizer instance)
+            inside ``strategy.scope()``. Batches are *global*, split across the replicas.
         seed: makes the shuffle of arrays and Dropout reproducible. A model's initial weights
             are drawn when it is created: call ``keras.utils.set_random_seed(seed)`` before.
 
@@ -135,7 +132,12 @@ class Trainer:
         self.checkpoint = options.checkpoint
         self.seed = options.seed
         self.model = model
-        with self._scope():
+        # A Keras model that overrides train_step / test_step / predict_step / metrics owns its
+        # steps: they run as model.fit runs them (a Trainer subclass's own step still wins).
+        self._model_steps = _model_steps.for_model(
+            model, options, runs_train_step=not _overrides(self, "train_step")
+        )
+        with _distribute.scope(self.strategy):
             self.optimizer, self._compiled = compile_model(
                 model, optimizer, loss, metrics, loss_weights, weighted_metrics
             )
@@ -155,15 +157,24 @@ class Trainer:
         self.preempted = False  # set by fit when a preemption signal made it save and return
         self.stop_reason: str | None = None  # why the last fit returned
         self.run_info = RunInfo(chief=_distribute.is_chief(self.strategy))
+        overridden = frozenset(m for m in _OVERRIDABLE if _overrides(self, m))
         methods = StepMethods(
             self.train_step,
             self.test_step,
             self.predict_step,
-            self.compute_loss,
+            loss_of(
+                self.compute_loss,
+                self._call_model,
+                self.update_metrics,
+                keras_signature(type(self).compute_loss)
+                if _overrides(self, "compute_loss")
+                else None,
+            ),
             lambda: self.metrics,
             lambda: self.trainable_variables,
             self.checkpoint_objects,
-            frozenset(m for m in _OVERRIDABLE if _overrides(self, m)),
+            overridden,
+            model_steps=self._model_steps,
         )
         self._engine = Engine(
             methods,
@@ -174,9 +185,6 @@ class Trainer:
             labels=self._labels,
             options=options,
         )
-
-    def _scope(self) -> Any:
-        return _distribute.scope(self.strategy)
 
     # ------------------------------------------------------------------ the step, top to bottom
 
@@ -202,22 +210,47 @@ class Trainer:
 
     @property
     def metrics(self) -> list[keras.metrics.Metric]:
-        """The loss tracker followed by the compiled metrics; their results are the logs."""
+        """The metrics whose results are the logs, reset at each epoch's start and before an
+        evaluation: tfloop's ``loss`` tracker, the compiled metrics, the model's layers' own,
+        no two of one name (docs/coming-from-keras.md); for a model that owns its steps, the
+        model's ``metrics``, as ``model.fit`` reports them."""
+        if self._model_steps is not None:
+            return self._model_steps.metrics
         return list(self._compiled.metrics)
+
+    @property
+    def update_count(self) -> int:
+        """Updates so far: ``optimizer.iterations``, or the train steps of a model that runs its
+        own (a GAN's step applies two optimizers; the model's own may never move)."""
+        return self._engine.update_count()
 
     @property
     def non_finite(self) -> NonFinitePolicy:
         """The non-finite policy (``Trainer(non_finite=...)``; fixed at construction)."""
         return self._update.non_finite
 
-    def compute_loss(self, batch: Nested, training: bool) -> tf.Tensor:
+    def compute_loss(
+        self,
+        batch: Nested = None,
+        training: bool = True,
+        *,
+        x: Nested = None,
+        y: Nested = None,
+        y_pred: Nested = None,
+        sample_weight: Nested = None,
+    ) -> tf.Tensor:
         """Returns the scalar mean loss of ``batch`` and updates the compiled metrics.
 
         ``batch`` is one element of the input as given: ``(x, y)``, ``(x, y, sample_weight)``
         or ``x``. Override it for a custom loss; call ``self.update_metrics(y, y_pred,
         sample_weight)`` in the override if you want the compiled metrics. The returned value
         must be the *mean* over the batch's examples: accumulation weights it by example count.
+        Keras's form works too (``compute_loss(x=, y=, y_pred=, sample_weight=)``: the loss of
+        given outputs, no metric updated), called or overridden (docs/subclassing.md).
         """
+        extra = getattr(self.model, "losses", None)  # regularization and add_loss terms
+        if y_pred is not None:  # Keras's form: the loss of outputs already computed
+            return self._compiled.loss_value(x, y, y_pred, sample_weight, training, extra=extra)
         x, y, sample_weight = data_lib.unpack_batch(batch)
         if data_lib.static_batch_size(x) == 0:
             # A replica's share of a batch smaller than the replica count is empty. Its weight
@@ -229,14 +262,9 @@ class Trainer:
         # Keras losses divide by the number of replicas under a strategy; tfloop weights each
         # replica's mean by its example count instead (exact for uneven splits), so it
         # multiplies that back.
+        replicas = _distribute.replicas(self.strategy)
         loss = self._compiled.loss_value(
-            x,
-            y,
-            y_pred,
-            sample_weight,
-            training=training,
-            replicas=_distribute.replicas(self.strategy),
-            extra=getattr(self.model, "losses", None),
+            x, y, y_pred, sample_weight, training, replicas=replicas, extra=extra
         )
         user_code(self.update_metrics)(y, y_pred, sample_weight, x=x)
         return loss
@@ -254,7 +282,7 @@ class Trainer:
         values of the last step of each execution are added to the logs, as returned.
         """
         with tf.GradientTape() as tape:
-            loss = user_code(self.compute_loss)(batch, training=True)
+            loss = self._engine.methods.compute_loss(batch, training=True)
             _checks.check_scalar_loss(loss)
             # Mixed precision: a LossScaleOptimizer scales the loss here and unscales the
             # (accumulated) gradient when it applies it, skipping the update on overflow.
@@ -282,7 +310,7 @@ class Trainer:
 
     def test_step(self, batch: Nested) -> dict[str, tf.Tensor] | None:
         """One evaluation batch: loss and metrics, no update."""
-        loss = user_code(self.compute_loss)(batch, training=False)
+        loss = self._engine.methods.compute_loss(batch, training=False)
         self.loss_tracker.update_state(loss, sample_weight=data_lib.batch_size_of(batch))
         return None
 
@@ -317,13 +345,7 @@ class Trainer:
 
     def checkpoint_objects(self) -> dict[str, Any]:
         """What a checkpoint saves of this trainer (its data position is the controller's)."""
-        return {
-            "model": self.model,
-            "optimizer": self.optimizer,
-            "metrics": [v for metric in self.metrics for v in metric.variables],
-            "seed_generators": _seeds.seed_generator_states(self.model),
-            **self._update.checkpoint_objects(),
-        }
+        return self._engine.checkpoint_objects(self.optimizer, self.metrics)
 
     # ------------------------------------------------------------------------------ the API
 
@@ -352,19 +374,13 @@ class Trainer:
     ) -> History:
         """Trains for ``epochs`` epochs and returns the :class:`History` of epoch logs.
 
-        Takes ``model.fit``'s arguments, with their meaning (docs/coming-from-keras.md):
-        ``fit(x, y, batch_size=32, epochs=10)`` on arrays (tfloop batches them, with a seeded
-        shuffle each epoch), ``fit(dataset)``, ``fit((x, y))``, a ``keras.utils.PyDataset``,
-        a generator of batches or a dataset function ``fn(tf.distribute.InputContext)``; and the keyword arguments ``validation_split``,
-        ``validation_data``, ``shuffle``, ``class_weight``, ``sample_weight``,
-        ``initial_epoch``, ``steps_per_epoch``, ``validation_steps``,
-        ``validation_batch_size``, ``validation_freq``. ``epochs`` is the epoch to stop at
-        (counted from 0, including ``initial_epoch``); ``verbose=1`` shows progress (a bar on a
-        terminal, plain lines otherwise). ``callbacks`` are added to the Trainer's for this
-        call. Beyond Keras (docs/training-control.md): ``validation_every_n_steps=n`` also
-        validates after every n-th update, mid-epoch too; ``max_steps`` stops after that many
-        updates in all (counted across resumes), ``max_time`` at the first execution boundary
-        after that many seconds (or a timedelta) of this call; a Checkpointer saves at the stop.
+        Takes ``model.fit``'s arguments with their meaning (docs/coming-from-keras.md): arrays
+        (batched by tfloop, shuffled by seed each epoch), a dataset, ``(x, y)``, a
+        ``keras.utils.PyDataset``, a generator or a dataset function
+        ``fn(tf.distribute.InputContext)``. ``epochs`` is the epoch to stop at (counted from 0);
+        ``callbacks`` are added to the Trainer's for this call. Beyond Keras
+        (docs/training-control.md): ``validation_every_n_steps`` validates every n updates,
+        ``max_steps`` and ``max_time`` stop the run (a Checkpointer saves at the stop).
         """
         arguments = dict(locals())
         del arguments["self"], arguments["callbacks"]
@@ -440,11 +456,8 @@ class Trainer:
         class_weight: Any = None,
         return_dict: bool = True,
     ) -> Any:
-        """One update on one batch (a micro-batch under accumulation); returns its logs.
-
-        As Keras's: the metrics are those of this batch alone (reset at every call), the loss
-        that of the forward pass before the update. The compiled step is reused across calls.
-        """
+        """One update on one batch (a micro-batch under accumulation); returns its logs: the
+        metrics of this batch alone, the loss of the forward pass before the update (Keras's)."""
         weights = {} if class_weight is None else {"class_weight": class_weight}
         batch = data_lib.one_batch(as_data(x, y, sample_weight), **weights)
         logs = self._engine.train_on_batch(batch)

@@ -150,8 +150,11 @@ class Callback:
 
 
 def update_count(trainer: Any) -> int:
-    """``trainer.optimizer.iterations`` as an int (a mirrored variable under a strategy
-    converts only through ``numpy()``)."""
+    """The trainer's updates so far (``Trainer.update_count``: ``optimizer.iterations``, or
+    the train steps of a model that runs its own); a stub without it gives its optimizer's."""
+    count = getattr(trainer, "update_count", None)
+    if count is not None:
+        return int(count)
     value = trainer.optimizer.iterations
     return int(value.numpy()) if hasattr(value, "numpy") else int(value)
 
