@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from time import perf_counter
@@ -94,15 +95,16 @@ class Controller:
         self.history = History()
         every = plan.validation_every_n_steps
         self.every_validation = EveryNSteps(every) if every is not None else None
-        self.deadline: Deadline | None = None
+        # The run's time (spent before a resume too, from the checkpoint) and max_time.
+        self.deadline = Deadline(plan.max_time or math.inf, plan.clock)
         self.last_validation: tuple[tuple[int, int, int], dict[str, float]] | None = None
         self.last_logs: dict[str, float] = {}
 
     def fit(self, trainer: TrainerView, callbacks: Sequence[Callback]) -> History:
         """The whole ``fit``: ``callbacks`` (plus a History, and a ProgressBar if verbose) see
         ``trainer``; returns the History."""
-        if self.plan.max_time is not None:  # the budget of this call, build and restore included
-            self.deadline = Deadline(self.plan.max_time, self.plan.clock)
+        # The run's time counts from here (build and restore included), plus a resumed run's.
+        self.deadline = Deadline(self.plan.max_time or math.inf, self.plan.clock)
         history = self.history
         extra: list[Callback] = [history, *([ProgressBar()] if self.plan.verbose else [])]
         self.trainer = trainer
@@ -202,6 +204,7 @@ class Controller:
         self.epoch = int(metadata["epoch"])
         self.batch = int(metadata["batch"])
         self.window = int(metadata.get("window", 0))
+        self.deadline.before = float(metadata.get("seconds_spent", 0.0))
         saved = metadata.get("callbacks", {})
         if "history" in metadata:
             self.history.load_state_dict(metadata["history"])
@@ -274,8 +277,17 @@ class Controller:
             return
         if self.plan.max_steps is not None and self.step >= self.plan.max_steps:
             self.budget_spent = "max_steps"
-        elif self.deadline is not None and self.deadline.expired():
+        elif self.plan.max_time is not None and self._time_is_up():
             self.budget_spent = "max_time"
+
+    def _time_is_up(self) -> bool:
+        """Whether the run's ``max_time`` is spent. Under ``MultiWorkerMirroredStrategy`` the
+        workers, each with its own clock, agree (a collective) so that all stop together."""
+        expired = self.deadline.expired()
+        strategy = self.hooks.strategy
+        if _distribute.is_multi_worker(strategy):
+            expired = any(_distribute.gather_from_replicas(strategy, int(expired)))
+        return expired
 
     def _end_epoch(self, logs: dict[str, float]) -> None:
         """Validation (every ``validation_freq`` epochs), ``on_epoch_end``, the epoch's save."""
@@ -426,6 +438,7 @@ class Controller:
             "steps_per_epoch": self.info.steps_per_epoch,
             "data_seed": self.data_seed,
             "window": self.window,
+            "seconds_spent": self.deadline.spent(),  # what max_time a resumed run has left
             "callbacks": {key: callback.state_dict() for key, callback in _keyed(self.stateful)},
             "history": self.history.state_dict(),
         }

@@ -44,7 +44,7 @@ class FitPlan:
     data_seed: int  # the array shuffle's seed (a resume restores the run's own)
     validation_every_n_steps: int | None = None
     max_steps: int | None = None  # updates in total, counted across resumes
-    max_time: float | None = None  # seconds of this fit call
+    max_time: float | None = None  # seconds of the run, counted across resumes
     clock: Callable[[], float] = time.monotonic  # what max_time is measured with
 
     @property

@@ -363,8 +363,9 @@ class Trainer:
         terminal, plain lines otherwise). ``callbacks`` are added to the Trainer's for this
         call. Beyond Keras (docs/training-control.md): ``validation_every_n_steps=n`` also
         validates after every n-th update, mid-epoch too; ``max_steps`` stops after that many
-        updates in all (counted across resumes), ``max_time`` at the first execution boundary
-        after that many seconds (or a timedelta) of this call; a Checkpointer saves at the stop.
+        updates in all, ``max_time`` at the first execution boundary after that many seconds
+        (or a timedelta) of the run: both are counted across resumes (a checkpoint records the
+        time spent); a Checkpointer saves at the stop.
         """
         arguments = dict(locals())
         del arguments["self"], arguments["callbacks"]
