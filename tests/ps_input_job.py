@@ -6,7 +6,8 @@ Usage: ``python ps_input_job.py OUT_DIR SCENARIO``; writes ``OUT_DIR/SCENARIO.js
 - ``cluster`` (2 workers, 1 parameter server): the "Parameter server training" tutorial's
   ``dataset_fn`` (``from_tensor_slices(...).shuffle(10).repeat().shard(...).batch(b)
   .prefetch(2)``: an unknown batch dimension) and its custom-loop one
-  (``.shuffle(200).batch(32).repeat()``: a partial batch every pass) train; then the update
+  (``.shuffle(200).batch(32).repeat()``: a partial batch every pass) train, and ``max_steps``
+  stops at its update; then the update
   count: a variable whose gradient is constant moves by exactly one per update applied (SGD
   updates it with one atomic add), compared with ``optimizer.iterations`` at every join, and a
   learning-rate schedule that stops the updates after 40 of them (between two joins).
@@ -91,7 +92,10 @@ def tutorials(strategy: Any) -> dict[str, Any]:
     history = trainer.fit(tutorial_dataset_fn, epochs=5, steps_per_epoch=20, verbose=0)
     partial = _trainer(strategy, accumulate_steps=2)
     partial_history = partial.fit(partial_batches_fn, epochs=2, steps_per_epoch=14, verbose=0)
+    budget = _trainer(strategy)
+    budget.fit(partial_batches_fn, epochs=5, steps_per_epoch=14, max_steps=10, verbose=0)
     return {
+        "max_steps": [budget.stop_reason, int(budget.optimizer.iterations.numpy())],
         "tutorial_iterations": int(trainer.optimizer.iterations.numpy()),
         "tutorial_loss": history.history["loss"],
         "partial_iterations": int(partial.optimizer.iterations.numpy()),

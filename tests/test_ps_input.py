@@ -46,6 +46,12 @@ def test_optimizer_iterations_equals_the_updates_applied(cluster):
 
 
 @pytest.mark.slow
+def test_max_steps_stops_at_its_update(cluster):
+    # closures of 6 and 4 steps, then a join: none is scheduled past update 10
+    assert cluster["max_steps"] == ["max_steps", 10]
+
+
+@pytest.mark.slow
 def test_a_schedule_read_in_closures_sees_every_update(cluster):
     # The rate drops to 0 after update 40, between two joins: only an update in flight on the
     # other worker when the 40th was counted can still apply the first rate (no count is lost).

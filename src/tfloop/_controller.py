@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import math
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from time import perf_counter
 from typing import Any
 
@@ -38,7 +38,7 @@ from tfloop.checkpoint import Checkpointer, position_of
 from tfloop.data import DataSource, StepStream
 from tfloop.errors import CheckpointError, DataError
 
-__all__ = ["Controller", "FitHooks", "StopReason", "run_evaluation"]
+__all__ = ["Controller", "FitHooks", "StopReason"]
 
 logger = logging.getLogger("tfloop")
 
@@ -448,20 +448,6 @@ class Controller:
             if any(_defines_on_checkpoint(callback) for callback in self.callbacks.callbacks):
                 checkpointer.wait()  # on_checkpoint is promised a complete checkpoint
             self.callbacks.on_checkpoint(path, logs)
-
-
-def run_evaluation(
-    loop: Callable[..., Any], chunks: Iterable[tuple[Nested, int, int]], callbacks: CallbackList
-) -> dict[str, float]:
-    """One evaluation pass: ``loop`` over ``chunks``, with the eval events; returns the logs
-    of the last execution (the running metrics, so those of the whole pass)."""
-    callbacks.on_eval_start({})
-    logs: dict[str, float] = {}
-    for piece, start, stop in chunks:
-        results, step_logs = loop(piece, start, stop)
-        logs = floats({**results, **(step_logs or {})})
-    callbacks.on_eval_end(logs)
-    return logs
 
 
 def _metric_variables(trainer: TrainerView) -> list[Any]:

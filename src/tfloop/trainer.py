@@ -406,7 +406,7 @@ class Trainer:
             >>> sorted(trainer.evaluate(np.ones((10, 2)), np.ones((10, 1))))
             ['loss', 'mae']
         """
-        source = self._engine.adapt(as_data(x, y, sample_weight), steps, batch_size)
+        source = self._engine.adapt(as_data(x, y, sample_weight), steps, batch_size, sharded=True)
         extra = [*_config.validate_callbacks(callbacks), *([ProgressBar()] if verbose else [])]
         logs = self._engine.evaluate(source, CallbackList([*self.callbacks, *extra], self))
         return logs if return_dict else as_list(logs)

@@ -29,7 +29,7 @@ from tfloop import _distribute
 from tfloop.data._datasets import DatasetSource
 from tfloop.data._lockstep import per_worker_source
 from tfloop.data._pipeline import unseeded_shuffles_before_shard, uses_data_service
-from tfloop.data._sharding import SERVICE_REASON
+from tfloop.data._sharding import SERVICE_REASON, unseeded_shards
 from tfloop.data._source import DataSource, StepStream
 from tfloop.data._stacking import unknown_dimensions, with_step_sizes
 from tfloop.errors import DataError
@@ -74,13 +74,9 @@ def function_source(
     dataset = merge_replica_batches(dataset, layout.local_replicas, argument)
     source: DataSource
     if layout.workers > 1:
-        if unseeded_shuffles_before_shard(dataset):
-            raise DataError(
-                f"{argument} shuffles without a seed before it shards: each worker shuffles "
-                "differently, so the workers' shards overlap. Pass shuffle(..., seed=...) with "
-                "the same seed on every worker, or shuffle after the shard."
-            )
         infinite = int(dataset.cardinality()) == tf.data.INFINITE_CARDINALITY
+        if unseeded_shuffles_before_shard(dataset):
+            unseeded_shards(argument, infinite, "before it shards")
         source = per_worker_source(dataset, argument, strategy, infinite)
     else:
         source = DatasetSource(dataset, 1, argument)
