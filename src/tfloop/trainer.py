@@ -397,7 +397,9 @@ class Trainer:
     ) -> Any:
         """Returns the loss and metrics over the data (all of it, or its first ``steps`` batches).
 
-        A dict of the ``fit`` log keys; ``return_dict=False`` gives Keras's list instead.
+        A dict of the ``fit`` log keys; ``return_dict=False`` gives Keras's list instead. Under
+        ``MultiWorkerMirroredStrategy`` each worker reads its shard of a dataset (or of a
+        dataset function's data), and the results are those of the whole data.
 
         Examples:
             >>> import numpy as np, keras, tfloop
