@@ -3,8 +3,9 @@
 
 Each cluster run is a set of worker processes of ``strategy.py --worker SPEC OUT``, each in its own
 process group, killed (by group id) if the run outlives its timeout. A worker trains the ``mlp``
-model on the TFRecord set for a few epochs, counting the records its own pipeline reads (a
-counter in the parse function), and the chief times every epoch.
+model on the TFRecord set for a few epochs, validating every epoch on a second set, then
+evaluates on it, counting the records its own pipelines read (a counter in the parse function):
+in training, in each validation pass and in ``evaluate``. The chief times every epoch.
 """
 
 from __future__ import annotations
@@ -119,6 +120,9 @@ def run_worker(spec_json: str, out: str) -> int:
     )
     counter = tf.Variable(0, dtype=tf.int64)
     data = make_input(spec["input"], spec["files"], counter)
+    seen = tf.Variable(0, dtype=tf.int64)  # the validation pipelines' reads
+    validation = make_input(spec["input"], spec["validation"], seen)
+    passes: list[int] = []
     with strategy.scope():
         keras.utils.set_random_seed(0)
         model = keras.Sequential(
@@ -134,14 +138,31 @@ def run_worker(spec_json: str, out: str) -> int:
         def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
             ends.append(time.perf_counter())
 
+        def on_eval_start(self, logs: Any = None) -> None:
+            if self.trainer is not None and self.trainer.run_info.in_fit:
+                seen.assign(0)  # fit's check of the validation data read some: not a pass's
+
+        def on_eval_end(self, logs: Any = None) -> None:
+            if self.trainer is not None and self.trainer.run_info.in_fit:
+                passes.append(int(seen.numpy()))
+
     trainer = tfloop.Trainer(
         model, "adam", "categorical_crossentropy", strategy=strategy, callbacks=[Clock()]
     )
     start = time.perf_counter()
-    trainer.fit(data, epochs=spec["epochs"], verbose=0)
+    trainer.fit(data, epochs=spec["epochs"], verbose=0, validation_data=validation)
     times = [b - a for a, b in zip([start, *ends[:-1]], ends, strict=True)]
+    evaluation = make_input(spec["input"], spec["validation"], seen)
+    seen.assign(0)
+    trainer.evaluate(evaluation)
+    result = {
+        "epoch_seconds": times,
+        "reads": int(counter.numpy()),
+        "validation_reads": passes,
+        "evaluate_reads": int(seen.numpy()),
+    }
     with open(out, "w") as file:
-        json.dump({"epoch_seconds": times, "reads": int(counter.numpy())}, file)
+        json.dump(result, file)
     return 0
 
 
@@ -199,13 +220,23 @@ def run_clusters(args: argparse.Namespace) -> int:
     files = os.path.join(scratch, "files")
     os.makedirs(files)
     write_files(files, args.files)
+    validation = os.path.join(scratch, "validation")
+    os.makedirs(validation)
+    write_files(validation, args.validation_files)
     examples = args.files * RECORDS_PER_FILE
-    print(f"{args.files} files x {RECORDS_PER_FILE} records, global batch {GLOBAL_BATCH}")
+    held_out = args.validation_files * RECORDS_PER_FILE
+    print(
+        f"{args.files} files x {RECORDS_PER_FILE} records (validation: {args.validation_files} "
+        f"files), global batch {GLOBAL_BATCH}"
+    )
     rows = []
+    evaluation_rows = []
     for kind in args.inputs:
-        spec = {"input": kind, "files": files, "epochs": args.epochs}
+        spec = {"input": kind, "files": files, "validation": validation, "epochs": args.epochs}
         rates: dict[int, list[float]] = {1: [], args.workers: []}
         reads: list[float] = []
+        validation_reads: list[float] = []
+        evaluate_reads: list[float] = []
         for rep in range(args.reps):
             for workers in (1, args.workers) if rep % 2 == 0 else (args.workers, 1):
                 results = run_cluster(workers, spec, scratch)
@@ -213,6 +244,10 @@ def run_clusters(args: argparse.Namespace) -> int:
                 rates[workers].append(examples / statistics.median(steady))
                 if workers == args.workers:
                     reads += [r["reads"] / args.epochs / examples for r in results]
+                    validation_reads += [
+                        n / held_out for r in results for n in r["validation_reads"]
+                    ]
+                    evaluate_reads += [r["evaluate_reads"] / held_out for r in results]
                 print(
                     f"rep {rep + 1}/{args.reps} {kind}, {workers} worker(s): "
                     f"{rates[workers][-1]:,.0f} examples/s",
@@ -220,6 +255,7 @@ def run_clusters(args: argparse.Namespace) -> int:
                 )
         ratios = [a / b for a, b in zip(rates[args.workers], rates[1], strict=True)]
         rows.append((kind, reads, rates, ratios))
+        evaluation_rows.append((kind, validation_reads, evaluate_reads))
     target = 1 / args.workers + 1 / args.files
     print(
         f"\n| input | records read per worker / records per epoch (target <= {target:.3f}) "
@@ -233,4 +269,15 @@ def run_clusters(args: argparse.Namespace) -> int:
             f"{statistics.median(rates[1]):,.0f} | {statistics.median(ratios):.2f} "
             f"[{min(ratios):.2f}, {max(ratios):.2f}] |"
         )
+    print(
+        f"\n| input | records read per worker / validation set: each validation pass "
+        f"| in evaluate | ({args.workers} workers) |"
+    )
+    print("| --- | --- | --- | --- |")
+    for kind, validation_reads, evaluate_reads in evaluation_rows:
+        print(f"| {kind} | {_spread(validation_reads)} | {_spread(evaluate_reads)} | |")
     return 0
+
+
+def _spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.3f} [{min(values):.3f}, {max(values):.3f}]"

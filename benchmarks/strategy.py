@@ -19,6 +19,9 @@ sharding the files itself, ``data`` = an in-memory dataset auto-sharded by data,
 auto-sharding turned off, every worker reading everything) it reports the records each worker's
 pipeline read per epoch / the records of an epoch (target <= 1 / workers + one file's share), and
 the cluster's steady throughput (examples/s of the global batch) against the one-worker cluster.
+Each fit validates every epoch on a validation set of ``--validation-files`` files in the same
+form, and the trained model is then evaluated on it: the records each worker read per
+validation pass, and in ``evaluate``, / the records of the validation set are reported too.
 
     python benchmarks/strategy.py --multi-worker [--reps 3] [--inputs file function data off]
 """
@@ -44,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--multi-worker", action="store_true", help="localhost worker clusters")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--files", type=int, default=8)
+    parser.add_argument("--validation-files", type=int, default=4)
     parser.add_argument("--inputs", nargs="+", default=["file", "function", "data", "off"])
     parser.add_argument("--epochs", type=int, default=4, help="epochs per cluster run")
     parser.add_argument("--worker", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)

@@ -16,6 +16,10 @@ Examples:
     >>> budget = Deadline(60.0, clock=lambda: next(ticks))
     >>> budget.expired(), budget.expired()
     (False, True)
+    >>> ticks = iter([0.0, 5.0])
+    >>> resumed = Deadline(60.0, clock=lambda: next(ticks), spent=50.0)  # 10 s are left
+    >>> resumed.spent()
+    55.0
 """
 
 from __future__ import annotations
@@ -63,13 +67,21 @@ class EveryNSeconds:
 
 
 class Deadline:
-    """Expires once ``seconds`` have passed since it was made (a time budget)."""
+    """Expires once ``seconds`` have been spent: ``spent`` before it was made (by the calls a
+    resumed run continues) plus the time since (a run's time budget)."""
 
-    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, seconds: float, clock: Callable[[], float] = time.monotonic, spent: float = 0.0
+    ) -> None:
         self.seconds = float(seconds)
         self.clock = clock
+        self.before = float(spent)
         self._start = clock()
+
+    def spent(self) -> float:
+        """The seconds spent so far, those spent before it was made included."""
+        return self.before + self.clock() - self._start
 
     def expired(self) -> bool:
         """Whether the budget is spent."""
-        return self.clock() - self._start >= self.seconds
+        return self.spent() >= self.seconds

@@ -13,8 +13,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from time import perf_counter
 from typing import Any
 
@@ -36,7 +37,7 @@ from tfloop.checkpoint import Checkpointer, position_of
 from tfloop.data import DataSource, StepStream
 from tfloop.errors import CheckpointError, DataError
 
-__all__ = ["Controller", "FitHooks", "StopReason", "run_evaluation"]
+__all__ = ["Controller", "FitHooks", "StopReason"]
 
 logger = logging.getLogger("tfloop")
 
@@ -96,15 +97,16 @@ class Controller:
         self.history = History()
         every = plan.validation_every_n_steps
         self.every_validation = EveryNSteps(every) if every is not None else None
-        self.deadline: Deadline | None = None
+        # The run's time (spent before a resume too, from the checkpoint) and max_time.
+        self.deadline = Deadline(plan.max_time or math.inf, plan.clock)
         self.last_validation: tuple[tuple[int, int, int], dict[str, float]] | None = None
         self.last_logs: dict[str, float] = {}
 
     def fit(self, trainer: TrainerView, callbacks: Sequence[Callback]) -> History:
         """The whole ``fit``: ``callbacks`` (plus a History, and a ProgressBar if verbose) see
         ``trainer``; returns the History."""
-        if self.plan.max_time is not None:  # the budget of this call, build and restore included
-            self.deadline = Deadline(self.plan.max_time, self.plan.clock)
+        # The run's time counts from here (build and restore included), plus a resumed run's.
+        self.deadline = Deadline(self.plan.max_time or math.inf, self.plan.clock)
         history = self.history
         extra: list[Callback] = [history, *([ProgressBar()] if self.plan.verbose else [])]
         self.trainer = trainer
@@ -204,6 +206,7 @@ class Controller:
         self.epoch = int(metadata["epoch"])
         self.batch = int(metadata["batch"])
         self.window = int(metadata.get("window", 0))
+        self.deadline.before = float(metadata.get("seconds_spent", 0.0))
         saved = metadata.get("callbacks", {})
         if "history" in metadata:
             self.history.load_state_dict(metadata["history"])
@@ -275,8 +278,17 @@ class Controller:
             return
         if self.plan.max_steps is not None and self.step >= self.plan.max_steps:
             self.budget_spent = "max_steps"
-        elif self.deadline is not None and self.deadline.expired():
+        elif self.plan.max_time is not None and self._time_is_up():
             self.budget_spent = "max_time"
+
+    def _time_is_up(self) -> bool:
+        """Whether the run's ``max_time`` is spent. Under ``MultiWorkerMirroredStrategy`` the
+        workers, each with its own clock, agree (a collective) so that all stop together."""
+        expired = self.deadline.expired()
+        strategy = self.hooks.strategy
+        if _distribute.is_multi_worker(strategy):
+            expired = any(_distribute.gather_from_replicas(strategy, int(expired)))
+        return expired
 
     def _end_epoch(self, logs: dict[str, float]) -> None:
         """Validation (every ``validation_freq`` epochs), ``on_epoch_end``, the epoch's save."""
@@ -422,6 +434,7 @@ class Controller:
             "steps_per_epoch": self.info.steps_per_epoch,
             "data_seed": self.data_seed,
             "window": self.window,
+            "seconds_spent": self.deadline.spent(),  # what max_time a resumed run has left
             "callbacks": {key: callback.state_dict() for key, callback in _keyed(self.stateful)},
             "history": self.history.state_dict(),
         }
@@ -431,23 +444,6 @@ class Controller:
             if any(_defines_on_checkpoint(callback) for callback in self.callbacks.callbacks):
                 checkpointer.wait()  # on_checkpoint is promised a complete checkpoint
             self.callbacks.on_checkpoint(path, logs)
-
-
-def run_evaluation(
-    loop: Callable[..., Any],
-    chunks: Iterable[tuple[Nested, int, int]],
-    callbacks: CallbackList,
-    make_logs: Callable[[Mapping[str, Any], Any], dict[str, float]],
-) -> dict[str, float]:
-    """One evaluation pass: ``loop`` over ``chunks``, with the eval events; returns the logs
-    of the last execution (the running metrics, so those of the whole pass)."""
-    callbacks.on_eval_start({})
-    logs: dict[str, float] = {}
-    for piece, start, stop in chunks:
-        results, step_logs = loop(piece, start, stop)
-        logs = make_logs(results, step_logs)
-    callbacks.on_eval_end(logs)
-    return logs
 
 
 def _metric_variables(trainer: TrainerView) -> list[Any]:

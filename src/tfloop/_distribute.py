@@ -199,6 +199,13 @@ def loop_strategy(strategy: tf.distribute.Strategy | None, kind: str) -> Any:
     return strategy
 
 
+def evaluation_shards(strategy: tf.distribute.Strategy | None) -> tf.distribute.Strategy | None:
+    """The strategy whose workers each read a shard of evaluation data (``validation_data``,
+    ``evaluate``): ``MultiWorkerMirroredStrategy``'s; None (every worker, or the coordinator,
+    reads it whole) under any other."""
+    return strategy if is_multi_worker(strategy) else None
+
+
 def local_replicas(strategy: tf.distribute.Strategy) -> int:
     """The replicas of this worker (of this process)."""
     return max(1, len(getattr(strategy.extended, "worker_devices", ()) or ()))

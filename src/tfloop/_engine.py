@@ -8,14 +8,14 @@ the dry run before them, and drives evaluation and prediction. It imports no Tra
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import tensorflow as tf
 
 from tfloop import _checks, _config, _distribute, _labels, _seeds, _validate
 from tfloop import data as data_lib
-from tfloop._controller import FitHooks, run_evaluation
+from tfloop._controller import FitHooks
 from tfloop._labels import LabelRangeCheck
 from tfloop._logs import INTERNAL, LOSS_COUNT, STEP, floats, metric_results, without
 from tfloop._loops import CompiledLoop, LoopSpec
@@ -264,15 +264,19 @@ class Engine:
             scope=self.scope,
         )
 
-    def adapt(self, data: Any, steps: Any, batch_size: Any, **options: Any) -> data_lib.DataSource:
-        """``data`` for evaluate or predict: unshuffled, ``steps`` batches (None: all)."""
+    def adapt(
+        self, data: Any, steps: Any, batch_size: Any, *, sharded: bool = False
+    ) -> data_lib.DataSource:
+        """``data`` for evaluate or predict: unshuffled, ``steps`` batches (None: all);
+        ``sharded``: each worker of a ``MultiWorkerMirroredStrategy`` reads its shard."""
+        strategy = _distribute.evaluation_shards(self.options.strategy) if sharded else None
         return data_lib.adapt(
             data,
             batch_size=batch_size,
             steps_per_execution=self.options.steps_per_execution,
             steps=_validate.optional_count(steps, "steps"),
             shuffle=False,
-            **options,
+            strategy=strategy,
         )
 
     def evaluate(self, source: data_lib.DataSource, callbacks: CallbackList) -> dict[str, float]:
@@ -281,7 +285,9 @@ class Engine:
         self.build(stream.first_batch(), training=False)
         self.reset_metrics()
         chunks = stream.chunks(source.steps_per_execution, source.steps)
-        return run_evaluation(self.loop("test"), chunks, callbacks, self.logs)
+        return run_evaluation(
+            self.loop("test"), chunks, callbacks, self.logs, per_worker=source.per_worker
+        )
 
     def predict(self, source: data_lib.DataSource, callbacks: CallbackList) -> Any:
         stream = source.stream(0)
@@ -304,3 +310,22 @@ class Engine:
         assert chunk is not None
         results, step_logs = self.loop("train")(*chunk, -1)
         return without(self.logs(results, step_logs), INTERNAL)
+
+
+def run_evaluation(
+    loop: Callable[..., Any],
+    chunks: Iterable[tuple[Nested, int, int]],
+    callbacks: CallbackList,
+    make_logs: Callable[[Any, Any], dict[str, float]],
+    per_worker: bool = False,
+) -> dict[str, float]:
+    """One evaluation pass: ``loop`` over ``chunks`` (``per_worker``: this worker's shard),
+    with the eval events; returns the logs of the last execution (the running metrics, which
+    sum over every replica's examples: those of the whole pass)."""
+    callbacks.on_eval_start({})
+    logs: dict[str, float] = {}
+    for piece, start, stop in chunks:
+        results, step_logs = loop(piece, start, stop, per_worker=per_worker)
+        logs = make_logs(results, step_logs)
+    callbacks.on_eval_end(logs)
+    return logs

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from tfloop import _validate
+from tfloop import _distribute, _validate
 from tfloop import data as data_lib
 from tfloop.data import DataSource
 from tfloop.errors import ConfigError
@@ -44,7 +44,7 @@ class FitPlan:
     data_seed: int  # the array shuffle's seed (a resume restores the run's own)
     validation_every_n_steps: int | None = None
     max_steps: int | None = None  # updates in total, counted across resumes
-    max_time: float | None = None  # seconds of this fit call
+    max_time: float | None = None  # seconds of the run, counted across resumes
     clock: Callable[[], float] = time.monotonic  # what max_time is measured with
 
     @property
@@ -108,8 +108,9 @@ def plan_fit(
 ) -> FitPlan:
     """Checks every argument of ``fit`` and adapts its inputs; raises before anything runs.
 
-    Under ``strategy`` each worker reads its own shard of ``x`` (validation data is read
-    whole, on every worker or on the coordinator).
+    Under ``strategy`` each worker reads its own shard of ``x``, and under
+    ``MultiWorkerMirroredStrategy`` of the validation data too (under any other strategy it is
+    read whole, by the one worker or the coordinator).
     """
     epochs = _validate.count(epochs, "epochs", minimum=1)
     initial_epoch = _validate.count(initial_epoch or 0, "initial_epoch", minimum=0)
@@ -164,6 +165,7 @@ def plan_fit(
             steps_argument="validation_steps",
             shuffle=False,
             argument="validation_data",
+            strategy=_distribute.evaluation_shards(strategy),
             # Validation every n updates reads it again and again.
             passes=2 if every else max(1, _validations(validation_freq, initial_epoch, epochs)),
         )

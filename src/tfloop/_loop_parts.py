@@ -13,6 +13,7 @@ import tensorflow as tf
 from tfloop import _distribute
 from tfloop._autograph import user_code
 from tfloop.data._mixed import MixedSteps
+from tfloop.data._padded import PaddedSteps
 from tfloop.errors import ConfigError
 
 __all__ = [
@@ -74,6 +75,9 @@ class LoopSpec:
     fresh_window: bool = False  # each call starts with an empty window (see _loops.py)
     eager: bool = False  # run the steps eagerly, in Python (a debugging mode)
     check: Callable[[dict[str, Any]], None] | None = None  # of each execution's results, host
+    # The superbatch comes as (padded stack, sizes): steps of these (leaf, axis) dimensions are
+    # cut to their sizes in-graph (ParameterServerStrategy; see data/_padded.py).
+    step_sizes: tuple[tuple[int, int], ...] | None = None
 
 
 def step_batch(data: Nested, i: tf.Tensor) -> Nested:
@@ -83,6 +87,8 @@ def step_batch(data: Nested, i: tf.Tensor) -> Nested:
 
 def batch_spec(data: Nested) -> Nested:
     """The spec of one batch of a superbatch (of its first shape, for MixedSteps)."""
+    if isinstance(data, PaddedSteps):
+        return data.spec()
     if isinstance(data, MixedSteps):
         return tf.nest.pack_sequence_as(
             data.data,
@@ -201,6 +207,8 @@ class StepRunner:
         def replica_step(data: Nested, i: tf.Tensor) -> Any:
             if isinstance(data, MixedSteps):
                 return data.dispatch(i, step)
+            if isinstance(data, PaddedSteps):
+                return step(data.step(i))
             return step(step_batch(data, i))
 
         # Without a strategy the whole loop is one XLA program; under one, each replica's step.
@@ -213,8 +221,12 @@ class StepRunner:
     def superbatch(self, data: Nested) -> Nested:
         """What the loop's function was called with, as the superbatch to run: ``data``, or
         with ``shapes`` (a function for MixedSteps of those shapes) ``(data, which)`` as
-        MixedSteps (a function's arguments are tensors, so the shapes come with the function).
+        MixedSteps (a function's arguments are tensors, so the shapes come with the function);
+        with the spec's ``step_sizes``, ``(stack, sizes)`` as PaddedSteps.
         """
+        if self.spec.step_sizes is not None:
+            stack, sizes = data
+            return PaddedSteps(stack, sizes, self.spec.step_sizes)
         if self.shapes is None:
             return data
         stack, which = data

@@ -103,6 +103,7 @@ class UpdateRule:
         self.replicated = _distribute.is_replicated(strategy)
         if _distribute.is_parameter_server(strategy):
             _check_asynchronous(optimizer, self.non_finite)
+            _count_atomically(optimizer)
         self.variables: list[Any] = []
         self.accumulator: GradientAccumulator | None = None
         with self._scope():
@@ -350,6 +351,25 @@ def _check_asynchronous(optimizer: Any, non_finite: str) -> None:
             "(it skips updates inside a branch, which needs synchronous replicas). Train in "
             "mixed_bfloat16, which needs no loss scaling, or in float32."
         )
+
+
+def _count_atomically(optimizer: Any) -> None:
+    """Makes the optimizer's update count one atomic add (under ``ParameterServerStrategy``).
+
+    Keras 3 counts an update with ``iterations.assign_add(1)``, which a Keras variable runs as
+    a read and an assign: closures applying updates on several workers at once lose counts
+    (measured, 2 workers: 87 of 128 updates counted). The ``tf.Variable`` under it adds
+    atomically, in one op on its parameter server; the optimizer's counter calls that one.
+    """
+    iterations = optimizer.iterations
+    if not isinstance(iterations, keras.Variable):
+        return  # not Keras 3's counter variable (Keras's own accumulation gives a tensor)
+    variable: Any = iterations.value
+
+    def assign_add(value: Any) -> Any:
+        return variable.assign_add(tf.cast(value, variable.dtype))
+
+    iterations.assign_add = assign_add
 
 
 def _non_finite_flags(gradients: list[Any], loss: Any) -> tuple[tf.Tensor, tf.Tensor]:

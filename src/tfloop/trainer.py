@@ -380,7 +380,8 @@ class Trainer:
         ``fn(tf.distribute.InputContext)``. ``epochs`` is the epoch to stop at (counted from 0);
         ``callbacks`` are added to the Trainer's for this call. Beyond Keras
         (docs/training-control.md): ``validation_every_n_steps`` validates every n updates,
-        ``max_steps`` and ``max_time`` stop the run (a Checkpointer saves at the stop).
+        ``max_steps`` and ``max_time`` are budgets of the run, counted across resumes (a
+        checkpoint records the time spent); a Checkpointer saves at the stop.
         """
         arguments = dict(locals())
         del arguments["self"], arguments["callbacks"]
@@ -412,7 +413,8 @@ class Trainer:
     ) -> Any:
         """Returns the loss and metrics over the data (all of it, or its first ``steps`` batches).
 
-        A dict of the ``fit`` log keys; ``return_dict=False`` gives Keras's list instead.
+        A dict of the ``fit`` log keys (``return_dict=False``: Keras's list). Under a
+        multi-worker strategy each worker reads its shard; the results are the whole data's.
 
         Examples:
             >>> import numpy as np, keras, tfloop
@@ -421,7 +423,7 @@ class Trainer:
             >>> sorted(trainer.evaluate(np.ones((10, 2)), np.ones((10, 1))))
             ['loss', 'mae']
         """
-        source = self._engine.adapt(as_data(x, y, sample_weight), steps, batch_size)
+        source = self._engine.adapt(as_data(x, y, sample_weight), steps, batch_size, sharded=True)
         extra = [*_config.validate_callbacks(callbacks), *([ProgressBar()] if verbose else [])]
         logs = self._engine.evaluate(source, CallbackList([*self.callbacks, *extra], self))
         return logs if return_dict else as_list(logs)

@@ -29,9 +29,10 @@ from tfloop import _distribute
 from tfloop.data._datasets import DatasetSource
 from tfloop.data._lockstep import per_worker_source
 from tfloop.data._pipeline import unseeded_shuffles_before_shard, uses_data_service
-from tfloop.data._sharding import SERVICE_REASON
+from tfloop.data._sharding import SERVICE_REASON, unseeded_shards
 from tfloop.data._source import DataSource, StepStream
-from tfloop.errors import ConfigError, DataError
+from tfloop.data._stacking import unknown_dimensions, with_step_sizes
+from tfloop.errors import DataError
 
 __all__ = ["CoordinatedSource", "call_dataset_function", "function_source"]
 
@@ -73,13 +74,9 @@ def function_source(
     dataset = merge_replica_batches(dataset, layout.local_replicas, argument)
     source: DataSource
     if layout.workers > 1:
-        if unseeded_shuffles_before_shard(dataset):
-            raise DataError(
-                f"{argument} shuffles without a seed before it shards: each worker shuffles "
-                "differently, so the workers' shards overlap. Pass shuffle(..., seed=...) with "
-                "the same seed on every worker, or shuffle after the shard."
-            )
         infinite = int(dataset.cardinality()) == tf.data.INFINITE_CARDINALITY
+        if unseeded_shuffles_before_shard(dataset):
+            unseeded_shards(argument, infinite, "before it shards")
         source = per_worker_source(dataset, argument, strategy, infinite)
     else:
         source = DatasetSource(dataset, 1, argument)
@@ -120,9 +117,12 @@ class CoordinatedSource(DataSource):
     Every worker builds the pipeline itself (the function is traced once on the coordinator,
     so every worker runs the same graph: there is no worker index to shard by; an unseeded
     shuffle, or the ``tf.data`` service with ``processing_mode="distributed_epoch"``, gives the
-    workers different examples). tfloop repeats it and stacks ``K`` batches per closure, so its
-    batches must have a static shape (``batch(..., drop_remainder=True)``). The coordinator
-    holds no stream: :meth:`worker_dataset` is what each worker reads.
+    workers different examples). tfloop repeats it and stacks ``K`` batches per closure in the
+    worker's pipeline. Batches of a static shape are stacked as they are; batches whose shape
+    the element spec leaves open (TensorFlow's tutorials' ``.batch(n)``, full or with a partial
+    batch each pass; ``padded_batch``) are stacked padded, with their sizes, and each step is
+    cut back to its own shape in the closure (``_padded.py``), so every batch trains as it
+    is. The coordinator holds no stream: :meth:`worker_dataset` is what each worker reads.
     """
 
     infinite = True
@@ -137,13 +137,11 @@ class CoordinatedSource(DataSource):
         self._spec = DatasetSource(
             call_dataset_function(function, self.context, argument), 1, argument
         )
-        if not self._spec.uniform:
-            raise ConfigError(
-                f"{argument}: under ParameterServerStrategy every batch must have the same, "
-                "static shape (tfloop stacks steps_per_execution of them for each closure). "
-                "Batch with .batch(batch_size, drop_remainder=True); pad variable-length "
-                "features to a fixed length."
-            )
+        self.uniform = self._spec.uniform
+        # The (leaf, axis) of each dimension a batch may vary in: cut to size in the closure.
+        self.step_sizes = (
+            None if self.uniform else tuple(unknown_dimensions(self._spec.dataset.element_spec))
+        )
         self.batch_size = self._spec.batch_size
         self.steps_per_epoch = None
         self.steps_per_execution = 1
@@ -158,7 +156,10 @@ class CoordinatedSource(DataSource):
 
     def worker_dataset(self) -> tf.data.Dataset:
         """What each worker reads: the function's dataset, repeated, ``K`` batches at a time
-        (call it inside ``ClusterCoordinator.create_per_worker_dataset``)."""
-        dataset = call_dataset_function(self.function, self.context, self.argument)
+        (call it inside ``ClusterCoordinator.create_per_worker_dataset``); with
+        :attr:`step_sizes`, ``(padded stack, sizes)`` pairs."""
+        dataset = call_dataset_function(self.function, self.context, self.argument).repeat()
         k = self.steps_per_execution
-        return dataset.repeat().batch(k, drop_remainder=True).prefetch(2)
+        if self.uniform:
+            return dataset.batch(k, drop_remainder=True).prefetch(2)
+        return with_step_sizes(dataset).padded_batch(k, drop_remainder=True).prefetch(2)

@@ -10,11 +10,18 @@ exchange a small row of ints (one all-gather, a few milliseconds on a local netw
     [read ok, steps in this superbatch, fingerprint of the first batch, run starts (K flags)]
 
 and every worker cuts its superbatch at the union of all workers' run starts (where a batch's
-shape changes), so all of them make the same calls with the same step counts. The same row
-detects, on every worker at once (so no worker is left waiting in a collective):
+shape changes), so all of them make the same calls with the same step counts.
+
+Uneven shards (a worker out of batches while another still has some: files of different
+sizes, a shard one batch shorter) go on in step: a worker with fewer steps than the others in a
+superbatch adds *empty* steps (batches of 0 examples), cut where its real steps end, until
+every worker is out. An empty step weighs nothing: the update divides the gradients' weighted
+sum by the global example count, metrics add sums and counts, so training and evaluation are
+those of one device on the global batches the workers' batches make together.
+
+The same row detects, on every worker at once (so no worker is left waiting in a collective):
 
 - a worker whose shard cannot be read (FILE sharding with fewer files than workers, ...);
-- uneven shards: one worker out of batches while another still has some;
 - overlapping shards: every worker read the same first batch (a dataset function that ignores
   its ``InputContext``).
 """
@@ -36,10 +43,11 @@ from tfloop.data._datasets import DatasetSource
 from tfloop.data._source import Piece, pad_steps
 from tfloop.errors import DataError
 
-__all__ = ["lockstep", "per_worker_source"]
+__all__ = ["empty_steps", "lockstep", "per_worker_source"]
 
 Nested = Any
 Exchange = Callable[[Sequence[int]], np.ndarray]
+EmptySteps = Callable[[int], Piece]  # n steps of empty batches, as a piece of K steps
 
 _OK, _STEPS, _FINGERPRINT, _CUTS = 0, 1, 2, 3  # the columns of a worker's row
 
@@ -60,10 +68,25 @@ def per_worker_source(
     exchange = functools.partial(_distribute.all_gather, strategy)
 
     def synchronize(groups: Iterator[list[Piece]]) -> Iterator[list[Piece]]:
-        return lockstep(groups, source.steps_per_execution, exchange, layout, argument)
+        k = source.steps_per_execution
+        empty = empty_steps(dataset.element_spec, k)
+        return lockstep(groups, k, exchange, layout, argument, empty)
 
     source.synchronize = synchronize
     return source
+
+
+def empty_steps(spec: Nested, k: int) -> EmptySteps:
+    """Makes ``n`` steps of empty batches of ``spec`` (0 examples; a dimension the spec leaves
+    unknown has size 1), padded to ``K`` steps."""
+
+    def make(steps: int) -> Piece:
+        def zeros(leaf: tf.TensorSpec) -> tf.Tensor:
+            return tf.zeros([steps, 0, *(d or 1 for d in leaf.shape[1:])], leaf.dtype)
+
+        return pad_steps(tf.nest.map_structure(zeros, spec), k)
+
+    return make
 
 
 def lockstep(
@@ -72,11 +95,13 @@ def lockstep(
     exchange: Exchange,
     layout: _distribute.InputLayout,
     argument: str = "data",
+    empty: EmptySteps | None = None,
 ) -> Iterator[list[Piece]]:
     """``groups`` (the pieces of one superbatch at a time), cut alike on every worker.
 
     ``exchange(row)`` gathers every replica's row (a collective); ``layout`` says how many
-    replicas each worker has, to name workers in errors.
+    replicas each worker has, to name workers in errors; ``empty(n)`` makes the ``n`` empty
+    steps a worker adds when the others hold more (None: uneven shards are a DataError).
     """
     first = True
     while True:
@@ -90,11 +115,21 @@ def lockstep(
         row = _row(local, k, fingerprint=first)
         row[_OK] = int(error is None)
         table = exchange(row)
-        _check(table, error, first, layout, argument)
-        if int(table[:, _STEPS].max()) == 0:
+        _check(table, error, first, layout, argument, uneven=empty is not None)
+        steps = table[:, _STEPS]
+        most = int(steps.max())
+        if most == 0:
             return
         first = False
-        yield _cut(local, table[:, _CUTS:].max(axis=0), k)
+        starts = table[:, _CUTS:].max(axis=0)
+        for count in steps.tolist():  # where each worker's real steps end: a run start
+            if 0 < count < most:
+                starts[count] = 1
+        mine = int(row[_STEPS])
+        if mine < most:
+            assert empty is not None  # else _check raised
+            local = [*local, empty(most - mine)]
+        yield _cut(local, starts, k)
 
 
 def _row(local: list[Piece], k: int, fingerprint: bool) -> list[int]:
@@ -130,8 +165,10 @@ def _check(
     first: bool,
     layout: _distribute.InputLayout,
     argument: str,
+    uneven: bool = True,
 ) -> None:
-    """Raises the same DataError on every worker when the shards cannot go on in lockstep."""
+    """Raises the same DataError on every worker when the shards cannot go on in lockstep
+    (``uneven``: whether uneven shards can, with empty steps)."""
     failed = np.flatnonzero(table[:, _OK] == 0)
     if error is not None:
         raise DataError(
@@ -146,7 +183,7 @@ def _check(
             "their log); every worker stops."
         )
     steps = table[:, _STEPS]
-    if steps.min() != steps.max():
+    if not uneven and steps.min() != steps.max():
         short = np.flatnonzero(steps == steps.min())
         raise DataError(
             f"{argument}: the workers' shards are uneven: worker(s) {_workers(short, layout)} "

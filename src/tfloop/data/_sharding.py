@@ -43,7 +43,7 @@ from tfloop.data._pipeline import reads_files, unseeded_shuffles, uses_data_serv
 from tfloop.data._source import DataSource
 from tfloop.errors import DataError
 
-__all__ = ["dataset_source", "shard_for_worker"]
+__all__ = ["dataset_source", "shard_for_worker", "unseeded_shards"]
 
 logger = logging.getLogger("tfloop")
 
@@ -79,6 +79,33 @@ def _infinite(dataset: tf.data.Dataset) -> bool:
     return bool(int(dataset.cardinality()) == tf.data.INFINITE_CARDINALITY)
 
 
+def unseeded_shards(argument: str, infinite: bool, where: str) -> None:
+    """An unseeded shuffle that each worker runs before it takes its shard: every worker
+    shuffles its own way, so the shards overlap. A DataError for a finite dataset (an epoch
+    would not see each example once); for a dataset that repeats forever, where an epoch is
+    ``steps_per_epoch`` steps anyway, a warning: each worker then samples the data on its own
+    (TensorFlow's multi-worker tutorials' pipelines), as under ``ParameterServerStrategy``."""
+    fix = (
+        "Pass a seed: dataset.shuffle(buffer_size, seed=...) (the same on every worker), or "
+        "shuffle after the shard (or shard by files, or turn auto-sharding off: "
+        "tf.data.experimental.AutoShardPolicy.OFF)."
+    )
+    if not infinite:
+        raise DataError(
+            f"{argument} shuffles without a seed {where}. Under MultiWorkerMirroredStrategy "
+            "each worker then shuffles differently before it takes its shard, so the workers' "
+            f"shards overlap and an epoch misses some examples. {fix}"
+        )
+    logger.warning(
+        "tfloop: %s shuffles without a seed %s, so each worker shuffles its own way: the "
+        "workers' shards of this endless dataset overlap (each worker samples the data on its "
+        "own) and a resume does not continue the same order. %s",
+        argument,
+        where,
+        fix,
+    )
+
+
 def shard_for_worker(
     dataset: tf.data.Dataset, layout: _distribute.InputLayout, argument: str = "data"
 ) -> tf.data.Dataset | None:
@@ -91,14 +118,8 @@ def shard_for_worker(
         policy == AutoShardPolicy.AUTO and not reads_files(dataset)
     )
     if by_data and unseeded_shuffles(dataset):
-        raise DataError(
-            f"{argument} shuffles without a seed. Under MultiWorkerMirroredStrategy every "
-            "worker runs the whole pipeline and keeps its share of each global batch "
-            "(auto-sharding by data), so unseeded shuffles differ between workers and their "
-            "shares overlap. Pass a seed: dataset.shuffle(buffer_size, seed=...) (the same on "
-            "every worker), or shard by files, or turn auto-sharding off "
-            "(tf.data.experimental.AutoShardPolicy.OFF)."
-        )
+        infinite = int(dataset.cardinality()) == tf.data.INFINITE_CARDINALITY
+        unseeded_shards(argument, infinite, "and is sharded by data")
     try:
         from tensorflow.python.data.experimental.ops import distribute as data_distribute
         from tensorflow.python.distribute import input_ops
