@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -27,6 +28,17 @@ settings.register_profile(
     derandomize=True,
 )
 settings.load_profile("tfloop")
+
+
+@functools.lru_cache(maxsize=1)
+def mirrored() -> tf.distribute.MirroredStrategy:
+    """The session's MirroredStrategy over the two logical CPUs.
+
+    One strategy for the whole session: strategies created in one process share collective
+    instance keys, and TensorFlow rejects a key reused for a different kind of collective."""
+    devices = [d.name for d in tf.config.list_logical_devices("CPU")][:2]
+    assert len(devices) == 2, "conftest.py must configure two logical CPU devices"
+    return tf.distribute.MirroredStrategy(devices)
 
 
 def make_model(

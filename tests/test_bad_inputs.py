@@ -15,7 +15,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import assert_weights_equal, make_data, make_model, weights_of
+from conftest import assert_weights_equal, make_data, make_model, mirrored, weights_of
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -219,7 +219,7 @@ def test_a_bad_label_in_validation_data_is_a_data_error_under_xla():
 def test_bad_labels_are_counted_on_every_replica_of_a_strategy():
     # XLA on CPU cannot reach a second logical CPU's variables, so the count is driven here
     # as the compiled step drives it, replica by replica (tfloop's XLA is on for GPUs/TPUs).
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = mirrored()
     check = LabelRangeCheck(strategy)
     check.enable(True)
     shares = [tf.constant([7, 0, 3, -1]), tf.constant([0, 4, 1, 2])]  # 2 bad, then 1

@@ -6,7 +6,6 @@ multi-worker tests start two localhost worker processes (tests/worker_job.py).
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -20,7 +19,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from _cluster import free_ports
-from conftest import assert_weights_equal, make_data, make_model, weights_of
+from conftest import assert_weights_equal, make_data, make_model, mirrored, weights_of
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
@@ -28,15 +27,6 @@ import tfloop
 from tfloop.errors import ConfigError
 
 HERE = Path(__file__).parent
-
-
-@functools.lru_cache(maxsize=1)
-def mirrored() -> tf.distribute.MirroredStrategy:
-    # One strategy for the whole session: strategies created in one process share collective
-    # instance keys, and TensorFlow rejects a key reused for a different kind of collective.
-    devices = [d.name for d in tf.config.list_logical_devices("CPU")][:2]
-    assert len(devices) == 2, "conftest.py must configure two logical CPU devices"
-    return tf.distribute.MirroredStrategy(devices)
 
 
 def train(

@@ -8,7 +8,7 @@ import keras_examples as ex
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import assert_weights_equal, weights_of
+from conftest import assert_weights_equal, mirrored, weights_of
 from test_keras_models import assert_history_equal, guide_compile, twins
 
 import tfloop
@@ -248,7 +248,7 @@ def test_a_model_that_owns_its_steps_resumes_exactly(tmp_path):
 
 
 def test_a_models_own_step_runs_per_replica_as_model_fit_runs_it():
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = mirrored()
     x, y = ex.regression_data()
     models = []
     for _ in range(2):
