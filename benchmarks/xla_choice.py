@@ -5,12 +5,13 @@ should choose (docs/execution.md).
 
 For each workload, in one process, ``tfloop-xla`` (``jit_compile=True``) and ``tfloop-noxla``
 (``jit_compile=False``) are prepared (their first epoch: tracing, compiling) and then timed
-for R interleaved steady epochs, as ``bench.py`` times every contender. Printed per workload:
-steady samples/s of each, the paired ratio XLA / no XLA (median, min, max over the
-repetitions), both first epochs and both warm-up overheads (first epoch minus the median
-steady epoch), and how many steady epochs XLA needs to win its extra warm-up back (when it
-is faster). Each first epoch is in-process: the first contender of the first workload pays
-TensorFlow's one-time start-up, so the order alternates between workloads.
+for R interleaved steady epochs, as ``bench.py`` times every contender. Then each is started
+``--cold`` times, alternately, alone in a fresh process (``bench.py --child``): its first epoch
+and its warm-up overhead (first epoch minus second) there, cold, are the figures (in-process
+first epochs depend on the order). Printed per workload: the paired steady ratio XLA / no
+XLA (median, min, max over the repetitions), each one's median steady epoch, the median cold
+first epochs and warm-ups, and how many steady epochs XLA needs to win its extra warm-up back
+(its warm-up minus the plain graph's, over the median steady epoch's difference).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--samples", type=int, help="samples per epoch (whole batches)")
     parser.add_argument("--quick", action="store_true", help="2,048 samples, 1 repetition")
+    parser.add_argument("--cold", type=int, default=2, help="fresh processes per contender")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(HERE))
     import bench
@@ -71,11 +73,12 @@ def main(argv: list[str] | None = None) -> int:
             seed=bench.SEED,
             log=bench.log,
         )
-        rows.append(_row(name, run))
+        cold = _cold(args, name, samples)
+        rows.append(_row(name, run, cold))
     print()
     print(
-        "| workload | samples/epoch | XLA samples/s | no XLA samples/s | XLA / no XLA "
-        "(min, max) | first epoch XLA s | no XLA s | warm-up XLA s | no XLA s | "
+        "| workload | samples/epoch | steady XLA / no XLA (min, max) | steady epoch XLA s | "
+        "no XLA s | first epoch XLA s | no XLA s | warm-up XLA s | no XLA s | "
         "epochs to win back |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -84,7 +87,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _row(name: str, run: object) -> list[str]:
+def _cold(args: argparse.Namespace, name: str, samples: int) -> dict[str, list[dict[str, float]]]:
+    """``--cold`` fresh-process measurements of each contender, alternating."""
+    import bench
+
+    child_args = argparse.Namespace(device="cpu", quick=args.quick, samples=samples)
+    results: dict[str, list[dict[str, float]]] = {"tfloop-xla": [], "tfloop-noxla": []}
+    for _ in range(0 if args.cold < 1 else args.cold):
+        for contender in results:
+            result = bench._run_child(child_args, name, contender, {})
+            if "error" not in result:
+                results[contender].append(result)
+                bench.log(
+                    f"[{name}] cold          {contender:17} first epoch "
+                    f"{result['warmup_s']:.1f} s, warm-up {result['warmup_overhead_s']:.1f} s"
+                )
+    return results
+
+
+def _row(name: str, run: object, cold: dict[str, list[dict[str, float]]]) -> list[str]:
     records = run.records  # type: ignore[attr-defined]
 
     def of(contender: str, phase: str) -> list[object]:
@@ -93,13 +114,16 @@ def _row(name: str, run: object) -> list[str]:
     steady = {c: of(c, "steady") for c in ("tfloop-xla", "tfloop-noxla")}
     if not all(steady.values()):
         return [name, "failed", *["-"] * 8]
-    first = {c: of(c, "warmup")[0].seconds for c in steady}  # type: ignore[attr-defined]
     median_epoch = {c: statistics.median(r.seconds for r in steady[c]) for c in steady}  # type: ignore[attr-defined]
-    rate = {c: statistics.median(r.samples_per_s for r in steady[c]) for c in steady}  # type: ignore[attr-defined]
     by_rep = {c: {r.rep: r.samples_per_s for r in steady[c]} for c in steady}  # type: ignore[attr-defined]
     reps = by_rep["tfloop-xla"].keys() & by_rep["tfloop-noxla"].keys()
     ratios = [by_rep["tfloop-xla"][r] / by_rep["tfloop-noxla"][r] for r in reps]
-    warmup = {c: first[c] - median_epoch[c] for c in steady}
+    if all(cold.values()):
+        first = {c: statistics.median(m["warmup_s"] for m in cold[c]) for c in steady}
+        warmup = {c: statistics.median(m["warmup_overhead_s"] for m in cold[c]) for c in steady}
+    else:  # in-process
+        first = {c: of(c, "warmup")[0].seconds for c in steady}  # type: ignore[attr-defined]
+        warmup = {c: first[c] - median_epoch[c] for c in steady}
     gain = median_epoch["tfloop-noxla"] - median_epoch["tfloop-xla"]
     extra = warmup["tfloop-xla"] - warmup["tfloop-noxla"]
     if extra <= 0:
@@ -111,9 +135,9 @@ def _row(name: str, run: object) -> list[str]:
     return [
         name,
         f"{run.num_samples:,}",  # type: ignore[attr-defined]
-        f"{rate['tfloop-xla']:,.0f}",
-        f"{rate['tfloop-noxla']:,.0f}",
         f"{statistics.median(ratios):.2f} ({min(ratios):.2f}, {max(ratios):.2f})",
+        f"{median_epoch['tfloop-xla']:.3f}",
+        f"{median_epoch['tfloop-noxla']:.3f}",
         f"{first['tfloop-xla']:.1f}",
         f"{first['tfloop-noxla']:.1f}",
         f"{warmup['tfloop-xla']:.1f}",

@@ -57,8 +57,19 @@ def functional(layer: keras.layers.Layer, shape: tuple[int, ...]) -> keras.Model
 @pytest.mark.parametrize(
     ("model", "jit", "reason"),
     [
-        (lambda: make_model(dropout=0.5), True, "no layer of the model"),
+        (make_model, True, "no layer of the model"),
+        (lambda: make_model(dropout=0.5), False, "draw random numbers (Dropout)"),
         (lambda: functional(keras.layers.LSTM(3), (5, 2)), True, "no layer of the model"),
+        (
+            lambda: functional(keras.layers.LSTM(3, dropout=0.2), (5, 2)),
+            False,
+            "draw random numbers (LSTMCell)",
+        ),
+        (
+            lambda: functional(keras.layers.GaussianNoise(0.1), (3,)),
+            False,
+            "draw random numbers (GaussianNoise)",
+        ),
         (
             lambda: keras.Sequential([keras.Input((4,)), keras.layers.Embedding(10, 2)]),
             True,
@@ -68,7 +79,17 @@ def functional(layer: keras.layers.Layer, shape: tuple[int, ...]) -> keras.Model
         (attention_model, False, "attention layers (MultiHeadAttention)"),
         (lambda: tf.Module(), True, "not a Keras model"),
     ],
-    ids=["dense-dropout", "lstm", "embedding", "conv", "nested-attention", "module"],
+    ids=[
+        "dense",
+        "dense-dropout",
+        "lstm",
+        "lstm-dropout",
+        "noise",
+        "embedding",
+        "conv",
+        "nested-attention",
+        "module",
+    ],
 )
 def test_auto_rule_on_a_cpu(model, jit, reason):
     chosen, why = _xla.auto_jit_compile(model(), accelerators=False)
@@ -93,7 +114,9 @@ def test_auto_choice_is_logged_once_per_model_with_its_reason(caplog):
     trainer.evaluate((x, y), batch_size=8)
     trainer.predict(x, batch_size=8)
     assert [trainer._engine.loop(kind).jit for kind in ("train", "test", "predict")] == [False] * 3
-    assert caplog.text.count("runs without XLA: the model has attention layers") == 1
+    assert caplog.text.count("jit_compile='auto' runs without XLA: the model has") == 1
+    assert "draw random numbers (Dropout)" in caplog.text
+    assert "attention layers (MultiHeadAttention)" in caplog.text
     assert "Pass jit_compile=True to use XLA anyway" in caplog.text
 
     caplog.clear()
@@ -120,7 +143,7 @@ def test_an_explicit_jit_compile_is_neither_ruled_nor_logged(caplog):
     ("build", "data", "expected"),
     [
         (attention_model, sequence_data, False),
-        (lambda: make_model(dropout=0.5), lambda: make_data(48), True),
+        (lambda: make_model(dropout=0.5), lambda: make_data(48), False),
     ],
     ids=["attention", "dense-dropout"],
 )
@@ -146,3 +169,16 @@ def test_auto_trains_exactly_as_its_choice_from_the_first_execution(build, data,
         np.max(np.abs(a - b)) for a, b in zip(runs["auto"], runs[not expected], strict=True)
     ]
     assert max(differences) > 1e-4  # the other choice draws other Dropout masks
+
+
+@CPU_ONLY
+def test_auto_trains_a_model_without_random_ops_exactly_as_with_xla():
+    x, y = make_data(48)
+    runs = []
+    for jit in ("auto", True):
+        trainer = tfloop.Trainer(
+            make_model(), "adam", "categorical_crossentropy", jit_compile=jit, seed=3
+        )
+        trainer.fit(x, y, epochs=2, batch_size=8, verbose=0)
+        runs.append(weights_of(trainer.model))
+    assert_weights_equal(*runs)

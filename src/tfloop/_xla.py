@@ -7,21 +7,26 @@ Dropout and ``keras.random.SeedGenerator``, in Keras too, so a choice made from 
 changed mid-run, would change a run's numbers). It is logged once per model, at INFO, with its
 reason.
 
-On a GPU or a TPU, XLA. On a CPU, XLA except for two kinds of layer, measured on this
-project's benchmark workloads (``benchmarks/xla_choice.py``, table in docs/execution.md):
+On a GPU or a TPU, XLA. On a CPU, XLA except for three kinds of layer, measured on this
+project's workloads (``benchmarks/xla_choice.py``, table in docs/execution.md), 2 CPU cores:
 
 - convolutions (``Conv*``, ``SeparableConv*``, ``DepthwiseConv*``, ``ConvLSTM*``): XLA's CPU
   convolutions are far slower than TensorFlow's own (oneDNN) kernels: the ``cnn`` workload
   trained at 93-163 samples/s with XLA against 5,500-8,800 without;
+- layers that draw random numbers in training (a layer owning a ``keras.random.SeedGenerator``
+  with a nonzero rate: ``Dropout``, ``SpatialDropout*``, ``GaussianNoise``, an RNN's
+  ``dropout``, random augmentation layers): under XLA on a CPU, TensorFlow's stateless random
+  ops (Keras draws its Dropout masks with them) generate about 1.5 us per number, 100x the
+  plain graph's cost: 32 x 200 x 32 numbers took 310-630 ms against 2-11 ms, and the ``mlp``
+  with a Dropout(0.2) trained at 2,900-4,900 samples/s with XLA against 11,400-14,200 without
+  (without the Dropout XLA was 3x faster);
 - attention (``MultiHeadAttention``, ``GroupedQueryAttention``, ``Attention``,
   ``AdditiveAttention``): its work is a few large matmuls and a softmax, which TensorFlow's
-  kernels run about as fast as XLA's (the ``transformer`` workload: XLA 0.95-1.1x the plain
-  graph per epoch), while XLA takes 12-25 s to compile one small Transformer block on 2 cores
-  against about 1 s for the plain graph: the first epoch of a typical fit gets far longer and
-  later epochs rarely win it back.
+  kernels run as fast as XLA's or faster, while XLA takes 3-8 s to compile one small block
+  (the ``transformer`` workload: XLA 0.3-0.44x the plain graph per epoch, 20-50 s of compiling).
 
 Every other model compiles with XLA, whose gain on small layers is large (``mlp`` about 2x,
-``linear`` 40x, ``lstm`` 1.3x per epoch) and whose compile time is seconds. Embeddings keep
+``linear`` 20-50x, ``lstm`` 1.3-1.6x per epoch) and whose compile time is seconds. Embeddings keep
 XLA: under XLA an ``Embedding``'s gradient is a scatter-add into a dense zero table, where
 TensorFlow alone passes ``IndexedSlices``; but Keras's Adam densifies those anyway (its moments
 update every row), and with SGD XLA turns the update into an in-place scatter on the rows used
@@ -38,7 +43,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-__all__ = ["ATTENTION", "CONVOLUTIONS", "auto_jit_compile", "log_choice"]
+__all__ = ["ATTENTION", "CONVOLUTIONS", "auto_jit_compile", "draws_random_numbers", "log_choice"]
 
 logger = logging.getLogger("tfloop")
 
@@ -86,7 +91,7 @@ def auto_jit_compile(model: Any, accelerators: bool | None = None) -> tuple[bool
         >>> inputs = keras.Input((8, 4))
         >>> model = keras.Model(inputs, attention(inputs, inputs))
         >>> jit, reason = auto_jit_compile(model, accelerators=False)
-        >>> jit, reason.split(" and ")[0]
+        >>> jit, reason.split(",")[0]
         (False, 'the model has attention layers (MultiHeadAttention)')
     """
     if accelerators is None:
@@ -98,20 +103,39 @@ def auto_jit_compile(model: Any, accelerators: bool | None = None) -> tuple[bool
     if not isinstance(model, keras.Model):
         return True, "the model is not a Keras model (no layer XLA is known to be slow for)"
     layers = list(model._flatten_layers(include_self=False))
+    slow = []
     convolutions = _names(layers, CONVOLUTIONS)
     if convolutions:
-        return False, (
-            f"the model has convolution layers ({convolutions}) and trains on a CPU, where "
-            "XLA convolutions are much slower"
+        slow.append(f"convolution layers ({convolutions}), much slower under XLA")
+    random = _names([layer for layer in layers if draws_random_numbers(layer)], (object,))
+    if random:
+        slow.append(
+            f"layers that draw random numbers ({random}), whose random numbers XLA generates "
+            "about 100x slower"
         )
     attention = _names(layers, ATTENTION)
     if attention:
-        return False, (
-            f"the model has attention layers ({attention}) and trains on a CPU, where XLA "
-            "speeds them up little and compiles them slowly (a longer first epoch that later "
-            "epochs rarely win back)"
+        slow.append(f"attention layers ({attention}), no faster under XLA and slow to compile")
+    if slow:
+        return False, f"the model has {'; '.join(slow)} on a CPU"
+    return True, (
+        "no layer of the model is one XLA is slow for on a CPU (convolution, random, attention)"
+    )
+
+
+def draws_random_numbers(layer: Any) -> bool:
+    """Whether a layer draws random numbers in training: it owns a Keras seed generator and
+    its rate (``rate``, ``dropout``, ``recurrent_dropout``), if it has one, is not zero."""
+    if not getattr(layer, "_seed_generators", None):
+        return False
+    rates = [
+        value
+        for value in (
+            getattr(layer, name, None) for name in ("rate", "dropout", "recurrent_dropout")
         )
-    return True, "no layer of the model is one XLA is slow for on a CPU (convolution, attention)"
+        if isinstance(value, (int, float)) and not isinstance(value, bool)
+    ]
+    return not rates or any(rate > 0 for rate in rates)
 
 
 def _names(layers: list[Any], kinds: tuple[type, ...]) -> str:
