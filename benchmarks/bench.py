@@ -27,9 +27,9 @@ if TYPE_CHECKING:
 HERE = Path(__file__).resolve().parent
 DOCS = HERE.parent / "docs"
 QUICK_SAMPLES = 2_048
-QUICK_WORKLOADS = ["mlp", "mlp-ds", "tfrecord", "text"]
-"""What ``--quick`` runs when no ``--workload`` is given: the default workload and the
-tf.data ones (whose input paths differ from mlp's)."""
+QUICK_WORKLOADS = ["mlp", "mlp-ds", "tfrecord", "text", "transformer", "lstm"]
+"""What ``--quick`` runs when no ``--workload`` is given: the default workload, the
+tf.data ones (whose input paths differ from mlp's) and the real Keras models."""
 SEED = 0
 
 
@@ -40,7 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--workload",
         nargs="+",
         metavar="NAME",
-        help="mlp, mlp-accum, wide-mlp, cnn, linear, mlp-ds, tfrecord, text, or all "
+        help="mlp, mlp-accum, wide-mlp, cnn, linear, mlp-ds, tfrecord, text, transformer, "
+        "lstm, or all "
         f"(default: mlp; with --quick: {' '.join(QUICK_WORKLOADS)})",
     )
     parser.add_argument(

@@ -224,7 +224,10 @@ def _keras_compiled(setup: Setup, config: Config) -> keras.Model:
 
 
 def keras_default(setup: Setup, config: Config) -> EpochFn:
-    """``model.fit(x, y, batch_size=B, epochs=...)`` on the NumPy arrays, nothing tuned."""
+    """``model.fit(x, y, batch_size=B, epochs=...)`` on the NumPy arrays, nothing tuned; a
+    workload without arrays (``lstm``) feeds its pipeline, as its users do."""
+    if not setup.workload.arrays:
+        return keras_on_dataset(setup, config)
     model = _keras_compiled(setup, config)
     callbacks = _keras_callbacks(setup.probe)
 
@@ -642,6 +645,8 @@ CONTENDERS: dict[str, Contender] = {
         Contender("tfloop-val1000", tfloop_validate),
         Contender("tfloop-default-ds", tfloop_default_ds),
         Contender("tfloop-best", tfloop_default, TFLOOP_SEARCH),
+        Contender("tfloop-xla", tfloop_default, ({"jit_compile": True},)),
+        Contender("tfloop-noxla", tfloop_default, ({"jit_compile": False},)),
         Contender(PEAK, matmul_peak, flops_per_sample=_peak_flops_per_sample),
     )
 }

@@ -129,7 +129,9 @@ def _value(
         return _paired(run, numerator, denominator)
     if ratio.kind == "warmup" and not rss:
         return _single(rows[numerator].warmup_overhead_s, rows[denominator].warmup_overhead_s)
-    key = "warmup_overhead_s" if ratio.kind == "warmup" else "peak_rss_mb"
+    if ratio.kind == "first-epoch" and not rss:
+        return _single(rows[numerator].warmup_s, rows[denominator].warmup_s)
+    key = {"warmup": "warmup_overhead_s", "first-epoch": "warmup_s"}.get(ratio.kind, "peak_rss_mb")
     return _single(*(rss.get(name, {}).get(key) for name in (numerator, denominator)))
 
 
@@ -147,7 +149,7 @@ def figure(
     if numerator is None or denominator is None:
         return Figure(ratio, None, f"no result for {', '.join(missing)}")
     notes = [f"{name} = {found}" for name, found in resolved if found != name]
-    if ratio.kind == "warmup":
+    if ratio.kind in ("warmup", "first-epoch"):
         notes.append("cold, separate processes" if rss else "in-process (cold with --rss)")
     note = "; ".join(notes)
     return Figure(ratio, _value(ratio, numerator, denominator, run, rows, rss), note)

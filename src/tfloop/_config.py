@@ -10,13 +10,12 @@ import dataclasses
 import logging
 import os
 import random
-import weakref
 from typing import Any, Literal
 
 import keras
 import tensorflow as tf
 
-from tfloop import _distribute, _validate
+from tfloop import _distribute, _validate, _xla
 from tfloop._update import NonFinitePolicy, validate_non_finite
 from tfloop.accumulate import validate_steps
 from tfloop.callbacks import Callback, KerasCallbacks, NonFiniteGuard
@@ -27,7 +26,6 @@ Nested = Any
 
 __all__ = [
     "TrainerOptions",
-    "auto_jit_compile",
     "jit_choice",
     "options",
     "resolve_checkpoint",
@@ -131,70 +129,6 @@ def validate_jit_compile(value: Any) -> bool | Literal["auto"]:
     raise ConfigError(f"jit_compile must be True, False or 'auto', got {value!r}.")
 
 
-_CONVOLUTIONS = tuple(
-    getattr(keras.layers, name)
-    for name in (
-        "Conv1D",
-        "Conv2D",
-        "Conv3D",
-        "Conv1DTranspose",
-        "Conv2DTranspose",
-        "Conv3DTranspose",
-        "SeparableConv1D",
-        "SeparableConv2D",
-        "DepthwiseConv1D",
-        "DepthwiseConv2D",
-        "ConvLSTM1D",
-        "ConvLSTM2D",
-        "ConvLSTM3D",
-    )
-    if hasattr(keras.layers, name)
-)
-_JIT_CHOICE_LOGGED: weakref.WeakSet[Any] = weakref.WeakSet()
-
-
-def auto_jit_compile(model: Any) -> bool:
-    """What ``jit_compile="auto"`` starts with: XLA, except for convolutions on a CPU.
-
-    XLA's CPU convolutions are far slower than TensorFlow's own (oneDNN) kernels: a small
-    Conv2D network (the benchmarks' ``cnn``) trained at 93-163 samples/s with XLA against
-    5,500-8,800 without, in tfloop, on this project's 2-core test machine (TF 2.21). So a Keras model with a convolution layer (``Conv*``, ``SeparableConv*``,
-    ``DepthwiseConv*``, ``ConvLSTM*``), trained where TensorFlow sees no GPU or TPU, runs
-    without XLA; the choice is logged once per model, at INFO. Every other model starts with
-    XLA (and falls back without it if XLA cannot compile the step). ``jit_compile=True`` or
-    ``False`` overrides this.
-
-    Embeddings keep XLA. Under XLA an ``Embedding``'s gradient is a scatter-add into a dense
-    zero table, where TensorFlow alone passes ``IndexedSlices``; but Keras's Adam densifies
-    those anyway (its moments update every row), and with SGD XLA turns the update into an
-    in-place scatter on the rows used. Measured per step (batch of 32 x 64 tokens, 64 steps per
-    call, 2 CPU cores): XLA was 4.0x faster with Adam and 6.4x with SGD at 5,000 rows, 1.6x and
-    12x at 50,000, 1.7x and 86x at 500,000.
-    """
-    if not isinstance(model, keras.Model) or not _CONVOLUTIONS:
-        return True
-    if tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"):
-        return True
-    convolutions = sorted(
-        {
-            type(layer).__name__
-            for layer in model._flatten_layers(include_self=False)
-            if isinstance(layer, _CONVOLUTIONS)
-        }
-    )
-    if not convolutions:
-        return True
-    if model not in _JIT_CHOICE_LOGGED:
-        _JIT_CHOICE_LOGGED.add(model)
-        logger.info(
-            "tfloop: jit_compile='auto' runs without XLA: the model has convolution layers "
-            "(%s) and trains on a CPU, where XLA convolutions are much slower. Pass "
-            "jit_compile=True to use XLA anyway.",
-            ", ".join(convolutions),
-        )
-    return False
-
-
 def jit_choice(
     jit_compile: bool | Literal["auto"],
     model: Any,
@@ -226,7 +160,9 @@ def jit_choice(
             return _distribute.uses_accelerators(strategy), False
         return bool(jit_compile), False
     if jit_compile == "auto":
-        return auto_jit_compile(model), True
+        jit, reason = _xla.auto_jit_compile(model)
+        _xla.log_choice(model, jit, reason)
+        return jit, True
     return bool(jit_compile), False
 
 

@@ -59,10 +59,10 @@ class Trainer:
             epoch instead of applying it with its own total.
         steps_per_execution: batches run per compiled call; ``"auto"`` picks a fast value from
             the steps per epoch and the size of a batch (64, up to 1024 for small batches).
-        jit_compile: XLA on (``True``), off (``False``), or ``"auto"``: on, falling back to the
-            plain graph with a logged reason if XLA cannot compile the step.
-        run_eagerly: run every step eagerly, in Python (``print``, ``pdb``, ``.numpy()``
-            work): a debugging mode, much slower, with the same results.
+        jit_compile: XLA on, off, or ``"auto"``: XLA except on a CPU for convolution, random
+            (Dropout) or attention layers, chosen once per model before its first execution and
+            logged; the plain graph if XLA cannot compile. XLA draws other Dropout masks.
+        run_eagerly: every step runs eagerly, in Python (a debugging mode; same results).
         clip_global_norm: clip the (accumulated) gradient to this global norm before applying.
         non_finite: an update with a NaN or Inf loss or gradient is ``"ignore"`` d (applied,
             the fastest), ``"skip"`` ped in-graph (counted in ``non_finite_steps``) or dropped
