@@ -103,6 +103,7 @@ def appends_in_place(path: PathLike) -> bool:
 
 @_os_errors
 def exists(path: PathLike) -> bool:
+    """Whether a file or directory ``path`` exists."""
     return bool(tf.io.gfile.exists(os.fspath(path)))
 
 
@@ -139,11 +140,13 @@ def open(path: PathLike, mode: str = "rb") -> Any:
 
 @_os_errors
 def read_bytes(path: PathLike) -> bytes:
+    """The content of file ``path``."""
     with tf.io.gfile.GFile(os.fspath(path), "rb") as file:
         return bytes(file.read())
 
 
 def read_text(path: PathLike) -> str:
+    """The content of file ``path``, decoded as UTF-8."""
     return read_bytes(path).decode("utf-8")
 
 
