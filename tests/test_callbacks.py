@@ -9,6 +9,7 @@ import math
 import re
 import sys
 import types
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -934,7 +935,7 @@ def test_history_plot_and_the_plot_command_write_pngs(tmp_path, capsys):
         (x, y), epochs=3, batch_size=8, validation_data=(x, y), validation_freq=2, verbose=0
     )
     png = history.plot(tmp_path / "history.png")
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert tfloop.History.from_jsonl(log).history == history.history
     assert main(["plot", str(log), "--keys", "loss,val_loss"]) == 0
     assert (tmp_path / "run.png").read_bytes()[:4] == b"\x89PNG"

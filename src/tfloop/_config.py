@@ -21,6 +21,7 @@ from tfloop.accumulate import validate_steps
 from tfloop.callbacks import Callback, KerasCallbacks, NonFiniteGuard
 from tfloop.checkpoint import Checkpointer
 from tfloop.errors import ConfigError
+from tfloop.io import checks
 
 Nested = Any
 
@@ -109,7 +110,7 @@ def resolve_checkpoint(checkpoint: Any) -> Checkpointer | None:
     if checkpoint is None or isinstance(checkpoint, Checkpointer):
         return checkpoint
     if isinstance(checkpoint, (str, os.PathLike)):
-        return Checkpointer(checkpoint)
+        return Checkpointer(checks.check_scheme(checkpoint, "checkpoint"))
     raise ConfigError(
         f"checkpoint must be a directory path, a tfloop.Checkpointer or None, got {checkpoint!r}."
     )

@@ -23,6 +23,7 @@ from tfloop import _validate
 from tfloop.checkpoint._metadata import CORRUPT_ERRORS
 from tfloop.checkpoint._restore import checkpoint_number, complete_checkpoints, read_metadata
 from tfloop.errors import CheckpointError
+from tfloop.io import checks
 
 __all__ = ["Evaluates", "evaluate_checkpoints"]
 
@@ -57,9 +58,10 @@ def evaluate_checkpoints(
     arrays as ``(x, y)``, a dataset, ...). First the checkpoints already
     there, oldest first, then each one written after (TensorFlow's
     ``tf.train.checkpoints_iterator``), until ``timeout`` seconds pass without a new one
-    (``None``: wait forever). Only checkpoints the ``checkpoint`` index names are read (the
-    index is written once a checkpoint's files are complete), plus the ``keep_best`` ones:
-    never a save in progress, nor another worker's private copy. A checkpoint deleted by the
+    (``None``: wait forever); ``directory`` may be a URL (``gs://...``). Only checkpoints the
+    ``checkpoint`` index names are read (the index is written once a checkpoint's files are
+    complete), plus the ``keep_best`` ones: never a save in progress, nor another worker's
+    private copy. A checkpoint deleted by the
     training job's ``max_to_keep`` before it is read is skipped with a warning; each step is
     yielded once.
 
@@ -87,7 +89,7 @@ def evaluate_checkpoints(
     steps = _validate.optional_count(steps, "steps", owner="evaluate_checkpoints")
     if timeout is not None:
         timeout = _validate.number(timeout, "timeout", owner="evaluate_checkpoints")
-    directory = os.fspath(directory)
+    directory = checks.check_scheme(directory, "evaluate_checkpoints directory")
     last = -1
     for _ in tf.train.checkpoints_iterator(directory, timeout=timeout):
         for path in complete_checkpoints(directory):

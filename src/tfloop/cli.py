@@ -24,10 +24,10 @@ import math
 import runpy
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 from tfloop.errors import ConfigError, TfloopError
+from tfloop.io import files
 
 __all__ = ["load_evaluation", "main"]
 
@@ -41,9 +41,9 @@ def _parser() -> argparse.ArgumentParser:
         "plot", help="draw loss/metric curves of a JSONLLogger file to a PNG (needs tfloop[plot])"
     )
     plot.add_argument(
-        "log", type=Path, help="a .jsonl file written by tfloop.callbacks.JSONLLogger"
+        "log", help="a .jsonl file written by tfloop.callbacks.JSONLLogger (a path or a URL)"
     )
-    plot.add_argument("-o", "--output", type=Path, help="the PNG to write (default: LOG with .png)")
+    plot.add_argument("-o", "--output", help="the PNG to write (default: LOG with .png)")
     plot.add_argument(
         "-k", "--keys", help="comma-separated keys to draw, e.g. loss,val_loss (default: all)"
     )
@@ -58,7 +58,9 @@ def _parser() -> argparse.ArgumentParser:
         help=f"SCRIPT.py[:FUNCTION] or MODULE[:FUNCTION]; FUNCTION (default "
         f"{DEFAULT_FUNCTION!r}) takes no argument and returns (trainer, data)",
     )
-    evaluate.add_argument("directory", type=Path, help="the training job's checkpoint directory")
+    evaluate.add_argument(
+        "directory", help="the training job's checkpoint directory (a path or a URL: gs://...)"
+    )
     evaluate.add_argument("--steps", type=int, help="batches of data per evaluation (default: all)")
     evaluate.add_argument(
         "--timeout",
@@ -75,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _evaluate_checkpoints(args)
     from tfloop.callbacks.history import History
 
-    output = args.output or args.log.with_suffix(".png")
+    output = args.output or _with_suffix(args.log, ".png")
     keys = [key.strip() for key in args.keys.split(",") if key.strip()] if args.keys else None
     try:
         history = History.from_jsonl(args.log)
@@ -85,6 +87,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     print(written)
     return 0
+
+
+def _with_suffix(path: str, suffix: str) -> str:
+    """``path`` with its name's suffix replaced (a URL stays a URL)."""
+    parent, name = files.split(path)
+    stem = name.rpartition(".")[0] if "." in name.lstrip(".") else name
+    return files.join(parent, stem + suffix)
 
 
 def load_evaluation(target: str) -> Callable[[], Any]:
@@ -100,8 +109,8 @@ def load_evaluation(target: str) -> Callable[[], Any]:
     name = name or DEFAULT_FUNCTION
     namespace: dict[str, Any]
     if where.endswith(".py") or "/" in where:
-        if not Path(where).is_file():
-            raise ConfigError(f"evaluate-checkpoints: no script at {where!r}.")
+        if files.scheme(where) or not files.exists(where) or files.isdir(where):
+            raise ConfigError(f"evaluate-checkpoints: no script at {where!r} (a local file).")
         namespace = runpy.run_path(where, run_name="__tfloop_evaluation__")
     else:
         try:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from tfloop.errors import ConfigError
+from tfloop.io import checks, files
 
 __all__ = ["Record", "plot_curves", "read_epoch_records"]
 
@@ -27,22 +28,22 @@ def read_epoch_records(path: str | os.PathLike[str]) -> list[Record]:
     record of an epoch wins. ``null`` (NaN/Inf when written) reads back as NaN.
     """
     by_epoch: dict[int, dict[str, float]] = {}
-    with open(path, encoding="utf-8") as file:
-        for number, line in enumerate(file, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                if not line.endswith("\n"):
-                    break  # a partial last line of a killed run
-                raise ConfigError(f"{path}: line {number} is not JSON ({error.msg}).") from error
-            if isinstance(record, dict) and record.get("event") == "epoch":
-                by_epoch[int(record["epoch"])] = {
-                    key: _number(value)
-                    for key, value in record.items()
-                    if key not in _NOT_CURVES and (value is None or _is_number(value))
-                }
+    text = files.read_text(checks.check_scheme(path, "the JSONL log"))
+    for number, line in enumerate(text.splitlines(keepends=True), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            if not line.endswith("\n"):
+                break  # a partial last line of a killed run
+            raise ConfigError(f"{path}: line {number} is not JSON ({error.msg}).") from error
+        if isinstance(record, dict) and record.get("event") == "epoch":
+            by_epoch[int(record["epoch"])] = {
+                key: _number(value)
+                for key, value in record.items()
+                if key not in _NOT_CURVES and (value is None or _is_number(value))
+            }
     return sorted(by_epoch.items())
 
 
@@ -59,9 +60,10 @@ def plot_curves(
     path: str | os.PathLike[str],
     keys: Sequence[str] | None = None,
     title: str | None = None,
-) -> Path:
+) -> str:
     """Writes one panel per quantity (``loss``, ``accuracy``, ...), with its training and
     ``val_`` curves together, to the PNG ``path``; returns the path."""
+    out = checks.check_scheme(path, "the plot's path")
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -95,7 +97,8 @@ def plot_curves(
         ax.legend()
     if title:
         figure.suptitle(title)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, format="png", dpi=100)
+    image = io.BytesIO()
+    figure.savefig(image, format="png", dpi=100)
+    files.makedirs(files.split(out)[0])
+    files.publish(out, image.getvalue())
     return out

@@ -30,7 +30,8 @@ class CSVLogger(Callback):
     and the ``val_*`` values, the training columns empty.
 
     Args:
-        filename: the CSV file; parent directories are created.
+        filename: the CSV file, local or a URL (``gs://...``; see ``LogFile`` for object
+            stores); parent directories are created, and proved writable when ``fit`` starts.
         separator: the field separator (one character).
         append: keep an existing file's rows (otherwise the first write starts it afresh).
 
@@ -58,13 +59,16 @@ class CSVLogger(Callback):
         self.append = append
         self.columns: list[str] = []
         self.rows = 0
-        self._file = LogFile(filename, append=append)
+        self._file = LogFile(filename, append=append, argument="CSVLogger filename")
         self._started = False
         self._roll_back: dict[str, Any] | None = None
 
     @property
-    def filename(self) -> os.PathLike[str]:
+    def filename(self) -> str:
         return self._file.path
+
+    def on_fit_start(self, logs: Logs) -> None:
+        self._file.check_writable(f"CSVLogger filename {self.filename!r}")
 
     def on_epoch_end(self, epoch: int, logs: Logs) -> None:
         info = None if self.trainer is None else self.trainer.run_info

@@ -10,6 +10,7 @@ from tfloop._export import export_model
 from tfloop._logs import COUNTERS, without
 from tfloop._monitor import Monitor
 from tfloop.callbacks.base import Callback, Logs, update_count
+from tfloop.io import checks, files
 
 __all__ = ["ExportBest"]
 
@@ -30,7 +31,9 @@ class ExportBest(Callback):
     what beats the best of the whole run.
 
     Args:
-        path: where the model goes (``.keras`` file or SavedModel directory).
+        path: where the model goes (``.keras`` file or SavedModel directory), local or a URL
+            (``gs://...``; what is atomic there: ``docs/cloud-storage.md``). Its directory is
+            proved writable when ``fit`` starts.
         monitor: the log key, e.g. ``"val_loss"`` or ``"val_accuracy"``.
         mode: ``"min"``, ``"max"`` or ``"auto"``.
         min_delta: the smallest change that counts as an improvement.
@@ -61,7 +64,7 @@ class ExportBest(Callback):
         min_delta: float = 0.0,
         verbose: int = 0,
     ) -> None:
-        self.path = os.fspath(path)
+        self.path = checks.check_scheme(path, "ExportBest path")
         self.monitor = Monitor("ExportBest", monitor, mode, min_delta)
         self.verbose = verbose
         self.best: float | None = None
@@ -74,6 +77,9 @@ class ExportBest(Callback):
             self.best = self.best_epoch = self.best_step = None
         self._restored = False
         self.monitor.bind(self.trainer)
+        checks.check_writable(
+            files.split(self.path)[0], f"ExportBest path {self.path!r}: its directory"
+        )
 
     def on_epoch_end(self, epoch: int, logs: Logs) -> None:
         self._consider(self.monitor.value(logs), epoch, None)

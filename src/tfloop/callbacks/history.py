@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from tfloop._logs import COUNTERS, STEP, without
@@ -94,20 +93,21 @@ class History(Callback):
         path: str | os.PathLike[str],
         keys: Sequence[str] | None = None,
         title: str | None = None,
-    ) -> Path:
+    ) -> str:
         """Writes loss and metric curves to the PNG ``path`` (needs ``tfloop[plot]``).
 
         One panel per quantity, its training and ``val_`` curves together, against the epoch.
         ``keys`` picks what to draw (default: every key); an unknown key raises ConfigError
-        listing the available ones. Returns the path written.
+        listing the available ones. ``path`` may be a URL (``gs://...``). Returns the path
+        written, as a string.
 
         Examples:
             >>> import os, tempfile
             >>> h = History()
             >>> for epoch, loss in enumerate([1.0, 0.6, 0.4]):
             ...     h.on_epoch_end(epoch, {"loss": loss, "val_loss": loss + 0.1})
-            >>> h.plot(os.path.join(tempfile.mkdtemp(), "curves.png")).suffix
-            '.png'
+            >>> h.plot(os.path.join(tempfile.mkdtemp(), "curves.png")).endswith("curves.png")
+            True
         """
         from tfloop.callbacks._plot import plot_curves
 

@@ -41,7 +41,9 @@ class JSONLLogger(Callback):
     ``History.from_jsonl(path)`` reads the epoch records back (``tfloop plot`` draws them).
 
     Args:
-        path: the file; parent directories are created.
+        path: the file, local or a URL (``gs://...``; on an object store the file is written
+            again whole at each record, see ``docs/cloud-storage.md``); parent directories are
+            created, and proved writable when ``fit`` starts.
         every_n_steps: also write a step record every this many updates (``None``: epochs only).
         append: keep an existing file's records (otherwise the first write starts it afresh).
 
@@ -68,15 +70,16 @@ class JSONLLogger(Callback):
             every_n_steps, "every_n_steps", owner="JSONLLogger"
         )
         self._every = EveryNSteps(self.every_n_steps) if self.every_n_steps else None
-        self._file = LogFile(path, append=append)
+        self._file = LogFile(path, append=append, argument="JSONLLogger path")
         self._epoch = 0
         self._last_step: int | None = None
 
     @property
     def path(self) -> str:
-        return str(self._file.path)
+        return self._file.path
 
     def on_fit_start(self, logs: Logs) -> None:
+        self._file.check_writable(f"JSONLLogger path {self.path!r}")
         self._last_step = self._current_step(0)
 
     def on_epoch_start(self, epoch: int, logs: Logs) -> None:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 from tfloop import _validate
 from tfloop.callbacks.base import Callback, Logs
 from tfloop.errors import ConfigError
+from tfloop.io import checks
 
 __all__ = ["Profiler"]
 
@@ -33,7 +33,8 @@ class Profiler(Callback):
     read a superbatch execution in the Trace Viewer.
 
     Args:
-        log_dir: where the trace goes (the ``log_dir`` of a ``TensorBoard`` callback works).
+        log_dir: where the trace goes (the ``log_dir`` of a ``TensorBoard`` callback works),
+            local or a URL; proved writable when ``fit`` starts.
         executions: ``(first, last)``, 1-based and inclusive, or one int for one execution.
 
     Examples:
@@ -47,13 +48,14 @@ class Profiler(Callback):
     def __init__(
         self, log_dir: str | os.PathLike[str], executions: int | tuple[int, int] = (2, 3)
     ) -> None:
-        self.log_dir = Path(log_dir)
+        self.log_dir = checks.check_scheme(log_dir, "Profiler log_dir")
         self.executions = _executions(executions)
         self.traced: list[int] = []  # the executions of the last fit that were traced
         self._count = 0
         self._tracing = False
 
     def on_fit_start(self, logs: Logs) -> None:
+        checks.check_writable(self.log_dir, "Profiler log_dir")
         self._count = 0
         self.traced = []
         if self.executions[0] == 1:
@@ -75,7 +77,7 @@ class Profiler(Callback):
         import tensorflow as tf
 
         try:
-            tf.profiler.experimental.start(str(self.log_dir))
+            tf.profiler.experimental.start(self.log_dir)
         except Exception as error:  # another profiler is running: trace nothing, train on
             logger.warning(
                 "tfloop: Profiler could not start the TensorFlow profiler (%s); no trace.",

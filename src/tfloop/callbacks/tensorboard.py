@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Literal
 
 from tfloop import _validate
@@ -13,6 +12,7 @@ from tfloop.callbacks._common import learning_rate_of
 from tfloop.callbacks.base import Callback, Logs, update_count
 from tfloop.callbacks.throughput import Throughput
 from tfloop.errors import ConfigError
+from tfloop.io import checks, files
 
 __all__ = ["TensorBoard"]
 
@@ -44,7 +44,8 @@ class TensorBoard(Callback):
     constructor raises :class:`tfloop.errors.ConfigError` saying so.
 
     Args:
-        log_dir: the directory of this run.
+        log_dir: the directory of this run, local or a URL (``gs://bucket/logs``: TensorBoard
+            reads it there); proved writable when ``fit`` starts.
         update_freq: ``"epoch"``, or write batch scalars every this many updates.
         throughput: also write steps and samples per second (see ``Throughput``).
 
@@ -64,7 +65,7 @@ class TensorBoard(Callback):
         _require_tensorboard()
         if update_freq != "epoch":
             update_freq = _validate.count(update_freq, "update_freq", 1, owner="TensorBoard")
-        self.log_dir = Path(log_dir)
+        self.log_dir = checks.check_scheme(log_dir, "TensorBoard log_dir")
         self.update_freq = update_freq
         self._every = EveryNSteps(update_freq) if update_freq != "epoch" else None
         self._throughput = Throughput() if throughput else None
@@ -75,7 +76,7 @@ class TensorBoard(Callback):
         import tensorflow as tf
 
         if name not in self._writers:
-            self._writers[name] = tf.summary.create_file_writer(str(self.log_dir / name))
+            self._writers[name] = tf.summary.create_file_writer(files.join(self.log_dir, name))
         return self._writers[name]
 
     def _scalars(self, writer: str, values: dict[str, float], step: int) -> None:
@@ -93,6 +94,7 @@ class TensorBoard(Callback):
         return extra
 
     def on_fit_start(self, logs: Logs) -> None:
+        checks.check_writable(self.log_dir, "TensorBoard log_dir")
         if self._throughput is not None and self.trainer is not None:
             self._throughput.set_trainer(self.trainer)
         self._last_step = update_count(self.trainer) if self.trainer else 0

@@ -25,10 +25,8 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import signal
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import tensorflow as tf
@@ -52,6 +50,7 @@ from tfloop.checkpoint._restore import find_candidates, latest_readable, read_me
 from tfloop.checkpoint._worker_data import WorkerData, agree_on_step, unsaveable
 from tfloop.data import DataSource, Position, StepStream
 from tfloop.errors import CheckpointError, ConfigError
+from tfloop.io import checks, files
 
 __all__ = ["Checkpointer"]
 
@@ -62,7 +61,11 @@ class Checkpointer:
     """Saves training state periodically and restores it when ``fit`` starts.
 
     Args:
-        directory: where checkpoints go (created if needed; must be writable).
+        directory: where checkpoints go (created if needed; must be writable): a local path
+            or a URL of any filesystem TensorFlow has (``gs://bucket/run``, ``ram://run``; see
+            ``docs/cloud-storage.md``). A scheme TensorFlow has no filesystem for is a
+            ConfigError here; at the start of ``fit`` a probe file is written and removed, so a
+            permission or credentials problem stops ``fit`` before it trains.
         every_n_steps: save every n optimizer updates (landing exactly on the update).
         every_n_seconds: save at the first execution boundary after n seconds since the last save.
         every_epoch: save at the end of every epoch (after validation and callbacks).
@@ -97,13 +100,13 @@ class Checkpointer:
         mode: ``"min"``, ``"max"`` or ``"auto"`` (a loss goes down, a metric asks itself).
 
     Examples:
-        >>> import tempfile, numpy as np, keras, tfloop
+        >>> import os, tempfile, numpy as np, keras, tfloop
         >>> directory = tempfile.mkdtemp()
         >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
         >>> trainer = tfloop.Trainer(model, "sgd", "mse",
         ...                          checkpoint=tfloop.Checkpointer(directory, every_n_steps=2))
         >>> _ = trainer.fit((np.ones((8, 2)), np.ones((8, 1))), epochs=1, batch_size=2, verbose=0)
-        >>> sorted(p.name for p in Path(directory).glob("ckpt-*.index"))
+        >>> sorted(name for name in os.listdir(directory) if name.endswith(".index"))
         ['ckpt-2.index', 'ckpt-4.index']
         >>> best = tfloop.Checkpointer(directory, keep_best=2, monitor="loss")
         >>> best.keep_best, best.best
@@ -127,9 +130,7 @@ class Checkpointer:
         monitor: str = "val_loss",
         mode: str = "auto",
     ) -> None:
-        if not isinstance(directory, (str, os.PathLike)):
-            raise ConfigError(f"directory must be a path, got {directory!r}.")
-        self.directory = Path(directory)
+        self.directory = checks.check_scheme(directory, "Checkpointer directory")
         self.every_n_steps = _validate.optional_count(every_n_steps, "every_n_steps")
         self.every_n_seconds = _validate.optional_number(every_n_seconds, "every_n_seconds")
         self.every_epoch = _validate.boolean(every_epoch, "every_epoch")
@@ -138,7 +139,9 @@ class Checkpointer:
             raise ConfigError(
                 f"restore must be 'latest', a checkpoint path or None, got {restore!r}."
             )
-        self.restore = restore
+        self.restore = (
+            None if restore is None else checks.check_scheme(restore, "Checkpointer restore")
+        )
         self.save_iterator = _validate.boolean(save_iterator, "save_iterator")
         self.preemption_signals = tuple(preemption_signals)
         self.exit_code = exit_code
@@ -159,7 +162,7 @@ class Checkpointer:
         self._writer: FastWriter | None = None
         self._last_position: tuple[int, int, int] | None = None
         self._worker_data: WorkerData | None = None
-        self._background = BackgroundWrite(str(self.directory / "checkpoint"), _explain)
+        self._background = BackgroundWrite(files.join(self.directory, "checkpoint"), _explain)
 
     # ----------------------------------------------------------------------------- set up
 
@@ -182,12 +185,12 @@ class Checkpointer:
     def best(self) -> str | None:
         """The path of the best checkpoint by ``monitor`` (None: none yet, or no keep-best)."""
         step = self._best.best_step
-        return None if step is None else str(self.directory / f"ckpt-{step}")
+        return None if step is None else files.join(self.directory, f"ckpt-{step}")
 
     @property
     def best_checkpoints(self) -> list[tuple[str, float]]:
         """The ``keep_best`` checkpoints and their monitored values, best first."""
-        return [(str(self.directory / f"ckpt-{s}"), v) for s, v in self._best.records]
+        return [(files.join(self.directory, f"ckpt-{s}"), v) for s, v in self._best.records]
 
     @property
     def writing(self) -> bool:
@@ -204,7 +207,7 @@ class Checkpointer:
         if self.save_iterator and source.unsaveable_iterator:
             raise CheckpointError(unsaveable(source.unsaveable_iterator))
 
-    def remove_temporary_files(self) -> list[Path]:
+    def remove_temporary_files(self) -> list[str]:
         """Deletes the leftovers of a save that was killed halfway (see ``_directory.py``)."""
         return remove_temporary_files(self.directory)
 
@@ -229,7 +232,7 @@ class Checkpointer:
             **objects, metadata=self._metadata, leftover=self._leftover, data=self._data
         )
         self._manager = tf.train.CheckpointManager(
-            self._checkpoint, str(self._write_directory()), max_to_keep=self.max_to_keep
+            self._checkpoint, self._write_directory(), max_to_keep=self.max_to_keep
         )
         self._writer = FastWriter(
             self._checkpoint, self._manager, replaced=[self._metadata, self._leftover]
@@ -240,11 +243,11 @@ class Checkpointer:
     def _worker_directory(self) -> WorkerData:
         """This worker's own input positions (per-worker input; see ``_worker_data.py``)."""
         if self._worker_data is None:
-            directory = self.directory / "workers" / _distribute.task_id()
+            directory = files.join(self.directory, "workers", _distribute.task_id())
             self._worker_data = WorkerData(directory, self.max_to_keep)
         return self._worker_data
 
-    def _write_directory(self) -> Path:
+    def _write_directory(self) -> str:
         """Where this process writes its checkpoints.
 
         Under ``MultiWorkerMirroredStrategy`` every worker takes part in a save (reading the
@@ -255,7 +258,7 @@ class Checkpointer:
         """
         if _distribute.is_chief(self._strategy):
             return self.directory
-        return self.directory / f".tfloop-{_distribute.task_id()}"
+        return files.join(self.directory, f".tfloop-{_distribute.task_id()}")
 
     def bind_monitor(self, trainer: Any) -> None:
         """At the start of ``fit``: checks ``monitor`` against the run (a ``TrainerView``)."""
@@ -332,7 +335,7 @@ class Checkpointer:
         assert self._writer is not None and self._manager is not None
         writer = self._writer
         self._best.load(
-            metadata.get("best"), lambda step: os.path.exists(f"{writer.path(step)}.index")
+            metadata.get("best"), lambda step: files.exists(f"{writer.path(step)}.index")
         )
         writer.kept = [p for p in self._kept_paths() if p not in self._manager.checkpoints]
 
@@ -428,9 +431,9 @@ class Checkpointer:
         except tf.errors.UnimplementedError as error:
             raise CheckpointError(unsaveable(_validate.first_line(error))) from error
         if snapshot is None:
-            if self._manager.directory != str(self.directory):  # a worker's copy, not needed
-                shutil.rmtree(self._manager.directory, ignore_errors=True)
-                path = str(self.directory / os.path.basename(path))  # the chief's
+            if self._manager.directory != self.directory:  # a worker's copy, not needed
+                files.rmtree(self._manager.directory)
+                path = files.join(self.directory, files.split(path)[1])  # the chief's
         elif self.async_save:
             writer = self._writer
             self._background.submit(path, lambda: writer.write(snapshot, step, keep))

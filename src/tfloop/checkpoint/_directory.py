@@ -3,47 +3,42 @@
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from tfloop.errors import CheckpointError
+from tfloop.io import checks, files
 
 __all__ = ["check_writable", "remove_temporary_files", "same_objects"]
 
 logger = logging.getLogger("tfloop")
 
 
-def check_writable(directory: Path) -> None:
-    """Creates the directory and proves it writable; a CheckpointError names it if not."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        # One probe per process: the workers of a cluster check the same directory.
-        probe = directory / f".tfloop-write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as error:
-        raise CheckpointError(
-            f"checkpoint directory {str(directory)!r} is not writable ({error}); pass "
-            "a directory you can write to, or checkpoint=None."
-        ) from error
+def check_writable(directory: str) -> None:
+    """Creates the directory and proves it writable (a probe file, written and removed), so a
+    permission or credentials problem stops ``fit`` before it trains; a CheckpointError names
+    the directory if not."""
+    checks.check_writable(
+        directory, "checkpoint directory", CheckpointError, fix=", or pass checkpoint=None"
+    )
 
 
-def remove_temporary_files(directory: Path) -> list[Path]:
+def remove_temporary_files(directory: str) -> list[str]:
     """Deletes the leftovers of a save that was killed halfway.
 
     TF's saver writes into a ``<prefix>_temp/`` directory; ``SaveV2`` writes each file as
     ``<file>.tempstate<n>`` before renaming it.
     """
     removed = []
-    leftovers = {*directory.glob("*_temp*"), *directory.glob("*.tempstate*")}
+    leftovers = {
+        *files.glob(files.join(directory, "*_temp*")),
+        *files.glob(files.join(directory, "*.tempstate*")),
+    }
     for path in sorted(leftovers):
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
+        if files.isdir(path):
+            files.rmtree(path)
         else:
-            path.unlink(missing_ok=True)
+            files.remove(path)
         removed.append(path)
     if removed:
         logger.warning(

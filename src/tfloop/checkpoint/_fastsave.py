@@ -33,9 +33,6 @@ Examples:
 
 from __future__ import annotations
 
-import contextlib
-import glob
-import os
 import time
 from collections.abc import Collection, Sequence
 from typing import Any
@@ -58,6 +55,7 @@ from tfloop.checkpoint._frozen import (
     same_edges,
     walk,
 )
+from tfloop.io import files
 
 __all__ = ["FastWriter", "Snapshot", "delete_checkpoint_files"]
 
@@ -441,8 +439,7 @@ def delete_checkpoint_files(prefix: str) -> None:
     thread pool (a millisecond); only a checkpoint of several shards needs a listing.
     """
     data = [f"{prefix}.data-00000-of-00001"]
-    if not os.path.exists(data[0]):
-        data = glob.glob(f"{glob.escape(prefix)}.data-?????-of-?????")
+    if not files.exists(data[0]):
+        data = files.glob(f"{prefix}.data-?????-of-?????")
     for name in [f"{prefix}.index", *data]:
-        with contextlib.suppress(FileNotFoundError):  # deleted by someone else
-            os.remove(name)
+        files.remove(name)  # nothing if someone else deleted it

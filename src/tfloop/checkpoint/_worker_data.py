@@ -14,8 +14,6 @@ their structure) is the same on every worker, because the workers cut their supe
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,6 +22,7 @@ import tensorflow as tf
 from tfloop import _distribute, _validate
 from tfloop.checkpoint._metadata import CORRUPT_ERRORS
 from tfloop.errors import CheckpointError
+from tfloop.io import files
 
 __all__ = ["WorkerData", "agree_on_step", "unsaveable"]
 
@@ -36,7 +35,7 @@ class WorkerData:
     every worker, the data of the chief's latest checkpoint.
     """
 
-    def __init__(self, directory: Path, max_to_keep: int) -> None:
+    def __init__(self, directory: str, max_to_keep: int) -> None:
         self.directory = directory
         self._holder = tf.Module(name="worker_data")
         self._leftover = tf.Variable(
@@ -44,7 +43,7 @@ class WorkerData:
         )
         self._checkpoint = tf.train.Checkpoint(data=self._holder, leftover=self._leftover)
         self._manager = tf.train.CheckpointManager(
-            self._checkpoint, str(directory), max_to_keep=max_to_keep + 1
+            self._checkpoint, directory, max_to_keep=max_to_keep + 1
         )
 
     def _attach(self, iterator: Any) -> None:
@@ -64,8 +63,8 @@ class WorkerData:
     def restore(self, step: int, iterator: Any) -> np.ndarray:
         """Restores the data of update ``step`` into ``iterator`` (None: not saved); returns
         the encoded leftover batches."""
-        path = str(self.directory / f"ckpt-{step}")
-        if not os.path.exists(path + ".index"):
+        path = files.join(self.directory, f"ckpt-{step}")
+        if not files.exists(path + ".index"):
             raise CheckpointError(
                 f"this worker has no input position for update {step} ({path!r} does not "
                 "exist), though the chief's checkpoint has one. Every worker writes its own "
