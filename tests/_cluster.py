@@ -35,6 +35,7 @@ def _environment(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
     env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
     env.pop("TF_CONFIG", None)
+    env.pop("TF_DETERMINISTIC_OPS", None)  # a job that wants op determinism turns it on itself
     env.update(extra or {})
     return env
 

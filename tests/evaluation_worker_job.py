@@ -151,6 +151,11 @@ def tutorials(strategy: Any) -> dict[str, Any]:
     ):
         trainer = trainer_for(strategy)  # sets the global seed, as keras.utils does
         tf.random.set_seed(None)  # the tutorials set none: every worker shuffles its own way
+        # Op determinism (TF_DETERMINISTIC_OPS, inherited from a test run that set it) forbids
+        # the tutorials' unseeded shuffles: they run as the tutorials run them, without it.
+        from tensorflow.python.framework import config
+
+        config.disable_op_determinism()
         history = trainer.fit(data(), epochs=EPOCHS, steps_per_epoch=5, verbose=0)
         result[name] = {
             "iterations": int(trainer.optimizer.iterations.numpy()),

@@ -204,6 +204,9 @@ def test_the_dry_run_leaves_every_state_it_could_move_as_it_found_it():
     x, y = ex.regression_data(16)
     trainer.fit(x, y, epochs=1, verbose=0)  # everything built, every metric holding a total
     keras.random.normal((1,))  # Keras's global seed generator exists
+    # Set first: another test module may have turned op determinism on, under which
+    # TensorFlow makes no global generator of its own.
+    tf.random.set_global_generator(tf.random.Generator.from_seed(1))
     tf.random.get_global_generator().normal([1])
     watched = [
         *model.non_trainable_variables,
